@@ -1,0 +1,31 @@
+# One command each on a fresh machine: `make demo` (set up + run the main job) and
+# `make test` (set up + run the tests). Setup is idempotent and cheap when nothing changed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/ddetr_dist/torch_extensions
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+DEMO_DIR ?= data/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-gpu demo bench clean
+
+setup:
+	@VENV=$(VENV) bash tools/setup_env.sh
+
+test: setup
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# On a machine with a CUDA torch and a GPU.
+test-gpu: setup
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+demo: setup
+	@bash tools/demo.sh $(PY) $(DEMO_DIR)
+
+bench: setup
+	$(PY) -m ddetr_dist.cli bench msda
+	$(PY) -m ddetr_dist.cli bench data
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

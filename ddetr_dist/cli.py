@@ -1,0 +1,53 @@
+"""`ddetr`: the command line. Each command lives in the module that owns its work and
+exposes `add_arguments(parser)` and `run(args) -> int`; it is imported only when chosen,
+so `ddetr --help` stays instant."""
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import sys
+
+# name -> (module, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo-data": ("ddetr_dist.data.demo", "generate the built-in demo detection dataset (COCO json + jpgs + shards)"),
+    "shard": ("ddetr_dist.data.shard", "write COCO images + annotations as webdataset tar shards"),
+    "bench": ("ddetr_dist.bench", "benchmarks: msda (the attention op), data (the loader)"),
+    "convert-checkpoint": ("ddetr_dist.models.convert", "convert between official and ddetr_dist checkpoints"),
+}
+
+
+def _overview() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: ddetr COMMAND [options]   (ddetr COMMAND --help for its options)", "",
+             "Distributed training of Deformable DETR.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def build_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"ddetr {name}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_overview())
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        near = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        print(f"ddetr: unknown command '{name}'.{hint}\n\n{_overview()}", file=sys.stderr)
+        return 2
+    parser, module = build_parser(name)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""One typed config tree for the whole system.
+
+A run is described by `Config`, a tree of dataclasses. It is loaded from a YAML file in
+`configs/` (which may name a `base:` file it extends) and then overridden from the command
+line with `section.key=value`. Every key is checked against the tree: an unknown key raises
+`ConfigError` naming it, the keys valid at that place, and the nearest match; a value of
+the wrong type names the key and the expected type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or carries a bad value."""
+
+
+@dataclass
+class ModelConfig:
+    """The detector (defaults: the official Deformable DETR, ResNet-50, 91 COCO classes)."""
+
+    backbone_depth: int = 50  # ResNet depth: 18, 34, 50 or 101
+    dilation: bool = False  # dilate the last ResNet stage (DC5)
+    lr_backbone_names: tuple[str, ...] = ("backbone.0",)
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    num_feature_levels: int = 4  # 1 = the single-scale variant
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 300
+    num_classes: int = 91  # COCO's sparse category ids are labels: max id + 1
+    aux_loss: bool = True
+    with_box_refine: bool = False
+    two_stage: bool = False
+    position_embedding_scale: float = 6.283185307179586  # 2*pi
+    activation_checkpointing: bool = False  # recompute encoder/decoder layers in backward
+    msda_backend: Optional[str] = None  # None = automatic; 'cuda', 'cpu' or 'torch'
+
+
+@dataclass
+class LossConfig:
+    """Hungarian matcher costs and loss weights (the official recipe)."""
+
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    focal_alpha: float = 0.25
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are streamed and transformed."""
+
+    train_shards: str = ""  # path, brace pattern or URL; '' = none
+    val_shards: str = ""
+    allow_pipe_urls: bool = False  # `pipe:` URLs run shell commands: off unless enabled
+    batch_size: int = 2  # per rank
+    num_workers: int = 2  # loader worker processes per rank
+    shuffle_buffer: int = 500
+    samples_per_epoch: int = 0  # per epoch over all ranks; 0 = the manifest's count
+    train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    val_scale: int = 800
+    max_size: int = 1333
+    crop_scales: tuple[int, ...] = (400, 500, 600)  # random resize-crop branch
+    crop_min_size: int = 384
+    crop_max_size: int = 600
+
+
+@dataclass
+class Config:
+    """The root of the tree."""
+
+    name: str = "run"  # run name: the run directory is <output_dir>/<name>; same name resumes
+    output_dir: str = "runs"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ---------------------------------------------------------------- loading and checking
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
+    where = f"{path}.{key}" if path else key
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{where}'.{hint} Valid keys here: {', '.join(sorted(valid))}")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{where}': expected {tp}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{where}': expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{where}': expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config key '{where}': expected an integer, got {value!r}")
+    if tp in (float, str) and not isinstance(value, tp):
+        raise ConfigError(f"config key '{where}': expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _merge(obj: Any, values: dict, path: str = "") -> Any:
+    """Return a copy of dataclass `obj` with `values` (a nested dict) applied and checked."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{path or '<root>'}' must be a mapping, got {values!r}")
+    types_ = _field_types(type(obj))
+    changes = {}
+    for key, value in values.items():
+        where = f"{path}.{key}" if path else key
+        if key not in types_:
+            raise _unknown_key(path, key, list(types_))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = _merge(current, value, where)
+        else:
+            changes[key] = _coerce(value, types_[key], where)
+    return dataclasses.replace(obj, **changes)
+
+
+def parse_override(text: str) -> dict:
+    """'model.hidden_dim=128' -> {'model': {'hidden_dim': 128}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict = {}
+    node = out
+    *parents, leaf = dotted.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """The YAML at `path` and the chain of `base:` files it extends, base first."""
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}. Pass a YAML file (see configs/).")
+    if path in seen:
+        raise ConfigError(f"config file {path} extends itself through 'base:'")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = data.pop("base", None)
+    chain = _read_yaml(path.parent / base, seen + (path,)) if base else []
+    return chain + [data]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file (and its bases), then `section.key=value` overrides."""
+    cfg = Config()
+    for layer in _read_yaml(Path(path)) if path else []:
+        cfg = _merge(cfg, layer)
+    for text in overrides:
+        cfg = _merge(cfg, parse_override(text))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """A plain nested dict (tuples as lists) that round-trips through YAML and load_config."""
+
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return {k: (to_dict(v) if dataclasses.is_dataclass(v) else plain(v))
+            for k, v in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))}
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,42 @@
+"""Pure-PyTorch multi-scale deformable attention: the reference every kernel is tested against.
+
+Same math as the official `ms_deform_attn_core_pytorch`: per level, `grid_sample` with
+bilinear interpolation, zero padding and align_corners=False, then a weighted sum over
+levels and points. Slow and memory-hungry (it materialises every sampled value), but
+obviously correct, differentiable in every input, and available everywhere.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ms_deform_attn_torch(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """value [N,S,M,D], sampling_locations [N,Lq,M,L,P,2] in 0..1 (x,y),
+    attention_weights [N,Lq,M,L,P] -> [N,Lq,M*D]. `level_start_index` is implied by
+    `spatial_shapes` and accepted only to keep the official signature."""
+    del level_start_index
+    N, _, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    value_list = value.split(sizes, dim=1)
+    # grid_sample wants the grid in -1..1
+    sampling_grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        # [N, H*W, M, D] -> [N*M, D, H, W]
+        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(N * M, D, int(h), int(w))
+        # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
+        grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear",
+                                     padding_mode="zeros", align_corners=False))  # [N*M, D, Lq, P]
+    # [N, Lq, M, L, P] -> [N*M, 1, Lq, L*P]
+    weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(N, M * D, Lq)
+    return out.transpose(1, 2).contiguous()
