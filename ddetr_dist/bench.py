@@ -1,26 +1,28 @@
 """Benchmarks. Each prints times and ratios measured in the same run (this machine is
 noisy: compare within a run, never against typed-in numbers).
 
-  ddetr bench msda   the attention op: every backend against the torch reference
-  ddetr bench data   the loader: shards through decode + transforms vs. loose files
+  ddetr bench msda [options]   the attention op: every backend against the torch reference
+  ddetr bench data [options]   the loader: shards through decode + transforms vs. loose files
+
+`ddetr bench TARGET --help` lists a target's options.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 
+# Imported only when chosen: one target's dependencies never break another's.
 TARGETS = {"msda": "ddetr_dist.ops.bench", "data": "ddetr_dist.data.bench"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="target", required=True, metavar="{" + ",".join(TARGETS) + "}")
-    for name, module_name in TARGETS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
-                           description=module.__doc__)
-        module.add_arguments(p)
-        p.set_defaults(_module=module)
+    parser.add_argument("target", choices=list(TARGETS), help="what to benchmark")
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the target's options")
 
 
 def run(args: argparse.Namespace) -> int:
-    return args._module.run(args)
+    module = importlib.import_module(TARGETS[args.target])
+    parser = argparse.ArgumentParser(prog=f"ddetr bench {args.target}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(args.options)) or 0)

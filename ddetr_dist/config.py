@@ -47,6 +47,7 @@ class ModelConfig:
     position_embedding_scale: float = 6.283185307179586  # 2*pi
     activation_checkpointing: bool = False  # recompute encoder/decoder layers in backward
     msda_backend: Optional[str] = None  # None = automatic; 'cuda', 'cpu' or 'torch'
+    backbone_weights: str = ""  # torchvision ResNet checkpoint (.pth) to start from; '' = random init
 
 
 @dataclass
@@ -68,6 +69,8 @@ class DataConfig:
 
     train_shards: str = ""  # path, brace pattern or URL; '' = none
     val_shards: str = ""
+    train_manifest: str = ""  # '' = manifest.json beside the train shards (set it for pipe: URLs)
+    val_manifest: str = ""  # '' = manifest.json beside the val shards
     allow_pipe_urls: bool = False  # `pipe:` URLs run shell commands: off unless enabled
     batch_size: int = 2  # per rank
     num_workers: int = 2  # loader worker processes per rank

@@ -1,0 +1,1 @@
+"""The per-worker train loop, evaluation, checkpoints and TensorBoard logging."""

@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddetr_dist.config import Config, ConfigError, load_config, parse_override, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_base_chain_and_overrides_apply_in_order():
+    cfg = load_config(CONFIGS / "two_stage.yaml", ["model.hidden_dim=128", "data.train_scales=[320, 352]"])
+    assert cfg.model.two_stage and cfg.model.with_box_refine  # from two_stage.yaml
+    assert cfg.model.backbone_depth == 50  # from base.yaml
+    assert cfg.model.hidden_dim == 128
+    assert cfg.data.train_scales == (320, 352)
+
+
+def test_override_parses_yaml_values():
+    assert parse_override("model.dropout=0") == {"model": {"dropout": 0}}
+    assert load_config(None, ["model.dropout=0"]).model.dropout == 0.0  # int accepted for float
+    assert load_config(None, ["model.msda_backend=null"]).model.msda_backend is None
+    assert load_config(None, ["model.msda_backend=cpu"]).model.msda_backend == "cpu"
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.hiden_dim=3"])
+    msg = str(err.value)
+    assert "model.hiden_dim" in msg and "hidden_dim" in msg and "Did you mean 'hidden_dim'" in msg
+    assert "num_queries" in msg  # lists the valid keys
+
+
+def test_unknown_section_and_bad_types():
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        load_config(None, ["modle.hidden_dim=3"])
+    with pytest.raises(ConfigError, match="model.hidden_dim.*integer"):
+        load_config(None, ["model.hidden_dim=wide"])
+    with pytest.raises(ConfigError, match="model.two_stage.*true or false"):
+        load_config(None, ["model.two_stage=1"])
+    with pytest.raises(ConfigError, match="data.train_scales"):
+        load_config(None, ["data.train_scales=800"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["model.hidden_dim"])
+    with pytest.raises(ConfigError, match="'model' must be a mapping"):
+        load_config(None, ["model=3"])
+
+
+def test_missing_file_and_base_cycle(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "demo.yaml", ["seed=7"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["seed"] == 7
+    assert load_config(tmp_path / "resolved.yaml") == cfg
