@@ -187,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
                         images_per_shard=args.images_per_shard, workers=args.workers,
                         progress=not args.no_progress)
     print(f"demo data in {args.out} ({time.perf_counter() - start:.1f} s). Train on it with:")
-    overrides = [f"data.{split}_shards='{pattern}'" for split, pattern in patterns.items()]
+    # a shard directory stands for every shard its manifest lists
+    overrides = [f"data.{split}_shards={Path(args.out) / split / 'shards'}" for split in patterns]
     print("  " + " ".join(overrides + [f"model.num_classes={max(c[0] for c in CATEGORIES) + 1}"]))
     return 0

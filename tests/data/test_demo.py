@@ -62,4 +62,5 @@ def test_cli_writes_both_splits_as_coco_and_shards(tmp_path, capsys):
         manifest = json.loads((tmp_path / split / "shards" / MANIFEST_NAME).read_text())
         assert sum(s["count"] for s in manifest["shards"]) == count
         assert manifest["num_classes"] == max(c[0] for c in demo.CATEGORIES) + 1
-    assert "train-{000000..000002}.tar" in printed and "val-000000.tar" in printed and "model.num_classes=7" in printed
+    assert f"data.train_shards={tmp_path / 'train' / 'shards'} " in printed
+    assert f"data.val_shards={tmp_path / 'val' / 'shards'} " in printed and "model.num_classes=7" in printed
