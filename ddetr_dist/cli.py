@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddetr: unknown command '{name}'.{hint}\n\n{_overview()}", file=sys.stderr)
         return 2
     parser, module = build_parser(name)
-    args = parser.parse_args(argv[1:])
+    try:  # options may come after positional config overrides ('a.b=1 --to official')
+        args = parser.parse_intermixed_args(argv[1:])
+    except TypeError:  # a command taking argparse.REMAINDER (bench) cannot be intermixed
+        args = parser.parse_args(argv[1:])
     return int(module.run(args) or 0)
 
 

@@ -21,3 +21,10 @@ def test_every_command_has_help(name, capsys):
         main([name, "--help"])
     assert exit_.value.code == 0
     assert f"ddetr {name}" in capsys.readouterr().out
+
+
+def test_options_may_follow_positional_overrides(tmp_path, capsys):
+    # parsed (not an argparse usage error, exit 2): fails on the missing file instead
+    code = main(["convert-checkpoint", str(tmp_path / "nope.pth"), str(tmp_path / "out.pth"),
+                 "model.nheads=8", "--to", "official"])
+    assert code == 1 and "checkpoint not found" in capsys.readouterr().err

@@ -68,16 +68,17 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.step()
             done = time.perf_counter()
             wait, total = wait + (got_batch - tick), total + (done - tick)
-            first_loss = float(loss) if first_loss is None else first_loss
+            loss_value = loss.item()
+            first_loss = loss_value if first_loss is None else first_loss
             step += 1
-            if step % 5 == 0 or step == 1:
-                print(f"step {step:4d}  loss {float(loss):8.4f}  class {float(losses['loss_ce']):.4f}  "
+            if step % 5 == 0 or step in (1, args.steps):
+                print(f"step {step:4d}  loss {loss_value:8.4f}  class {float(losses['loss_ce']):.4f}  "
                       f"l1 {float(losses['loss_bbox']):.4f}  giou {float(losses['loss_giou']):.4f}  "
                       f"{done - tick:.2f} s/step  data wait {wait / total:.0%}")
             if step >= args.steps:
                 break
             tick = time.perf_counter()
-    print(f"loss {first_loss:.3f} -> {float(loss):.3f} over {step} steps; "
+    print(f"loss {first_loss:.3f} -> {loss_value:.3f} over {step} steps; "
           f"skipped samples: {loader.skips.summary()}")
 
     model.eval()

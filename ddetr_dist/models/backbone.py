@@ -1,0 +1,53 @@
+"""The backbone as the official code lays it out: `backbone.0` is the ResNet (`.body`) with
+frozen stem and layer1, `backbone.1` the position encoding; the pair is the Joiner."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .position_encoding import PositionEmbeddingSine
+from .resnet import ResNet
+
+
+def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Padding mask [B,H,W] at a feature map's size (nearest, as the official code)."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+
+
+class Backbone(nn.Module):
+    """ResNet returning the last `num_outputs` of C3, C4, C5 with their padding masks."""
+
+    def __init__(self, depth: int = 50, num_outputs: int = 3, dilation: bool = False):
+        super().__init__()
+        if not 1 <= num_outputs <= 3:
+            raise ValueError(f"Backbone: num_outputs must be 1..3 (C3-C5), got {num_outputs}")
+        self.body = ResNet(depth, dilate_last_stage=dilation)
+        # The stem and layer1 keep their ImageNet weights: low-level filters generalise
+        # and freezing them saves memory (the official recipe).
+        for name, parameter in self.body.named_parameters():
+            if not name.startswith(("layer2", "layer3", "layer4")):
+                parameter.requires_grad_(False)
+        self.num_outputs = num_outputs
+        strides = [8, 16, 16 if dilation else 32]
+        self.strides = strides[3 - num_outputs:]
+        self.num_channels = self.body.num_channels[3 - num_outputs:]
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        features = self.body(images)[3 - self.num_outputs:]
+        return [(f, downsample_mask(mask, f.shape[-2:])) for f in features]
+
+
+class Joiner(nn.Sequential):
+    """backbone.0 = Backbone, backbone.1 = position encoding (the official module indices)."""
+
+    def __init__(self, backbone: Backbone, position_embedding: PositionEmbeddingSine):
+        super().__init__(backbone, position_embedding)
+        self.strides = backbone.strides
+        self.num_channels = backbone.num_channels
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor):
+        """-> features [(map [B,C,h,w], mask [B,h,w])], position encodings [[B,D,h,w]]."""
+        features = self[0](images, mask)
+        pos = [self[1](m).to(f.dtype) for f, m in features]
+        return features, pos
