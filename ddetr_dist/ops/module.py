@@ -9,7 +9,15 @@ import torch
 from torch import nn
 from torch.nn.init import constant_, xavier_uniform_
 
+from .checks import check_levels, check_rank, check_same_device, check_token_count
 from .dispatch import ms_deform_attn
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Under autocast the projections come out in bfloat16/float16; sampling locations
+    and the softmax are computed in float32 (bfloat16 locations are ~0.5 px off on a
+    152 px map). float64 stays float64."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 class MSDeformAttn(nn.Module):
@@ -45,35 +53,66 @@ class MSDeformAttn(nn.Module):
         xavier_uniform_(self.output_proj.weight.data)
         constant_(self.output_proj.bias.data, 0.0)
 
+    def check_inputs(self, query, reference_points, input_flatten, input_spatial_shapes,
+                     input_level_start_index, input_padding_mask=None) -> None:
+        """Raise a ValueError naming the first input that does not fit (see forward)."""
+        who, c, levels = "MSDeformAttn", self.d_model, self.n_levels
+        check_rank(who, "query", query, f"[N, Lq, d_model={c}]")
+        check_rank(who, "input_flatten", input_flatten, f"[N, S, d_model={c}]")
+        check_rank(who, "reference_points", reference_points, f"[N, Lq, n_levels={levels}, 2 or 4]")
+        n, queries, _ = query.shape
+        if query.shape[-1] != c:
+            raise ValueError(f"{who}: query must be [N, Lq, d_model={c}], got shape {tuple(query.shape)}")
+        if input_flatten.shape[0] != n or input_flatten.shape[-1] != c:
+            raise ValueError(f"{who}: input_flatten must be [N={n}, S, d_model={c}] (N from query), "
+                             f"got shape {tuple(input_flatten.shape)}")
+        if tuple(reference_points.shape[:3]) != (n, queries, levels) or reference_points.shape[3] not in (2, 4):
+            raise ValueError(f"{who}: reference_points must be [N={n}, Lq={queries}, n_levels={levels}, 2 or 4] "
+                             f"(points x, y or boxes cx, cy, w, h), got shape {tuple(reference_points.shape)}")
+        if input_padding_mask is not None and (input_padding_mask.dtype != torch.bool or tuple(
+                input_padding_mask.shape) != (n, input_flatten.shape[1])):
+            raise ValueError(f"{who}: input_padding_mask must be a bool tensor [N, S] = {(n, input_flatten.shape[1])} "
+                             f"(True = padding), got {input_padding_mask.dtype} of shape "
+                             f"{tuple(input_padding_mask.shape)}")
+        check_same_device(who, {"query": query, "reference_points": reference_points,
+                                "input_flatten": input_flatten, "input_padding_mask": input_padding_mask})
+        names = {"shapes_name": "input_spatial_shapes", "index_name": "input_level_start_index"}
+        check_levels(who, input_spatial_shapes, input_level_start_index, levels, query.device,
+                     levels_label="n_levels", **names)
+        check_token_count(who, "input_flatten", input_flatten.shape[1], input_spatial_shapes,
+                          input_level_start_index, **names)
+
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
                 input_level_start_index, input_padding_mask=None):
         """query [N,Lq,C]; reference_points [N,Lq,L,2] in 0..1 (x,y) or [N,Lq,L,4] boxes
-        (cx,cy,w,h); input_flatten [N,S,C]; input_spatial_shapes [L,2] (H,W);
-        input_level_start_index [L]; input_padding_mask [N,S] True = padding -> [N,Lq,C]."""
+        (cx,cy,w,h); input_flatten [N,S,C]; input_spatial_shapes [L,2] (H,W) integer;
+        input_level_start_index [L]; input_padding_mask [N,S] bool, True = padding
+        -> [N,Lq,C]. Under autocast the output has the autocast dtype (output_proj is a
+        Linear); sampling locations and attention weights are float32 either way."""
+        self.check_inputs(query, reference_points, input_flatten, input_spatial_shapes,
+                          input_level_start_index, input_padding_mask)
         N, Len_q, _ = query.shape
         _, Len_in, _ = input_flatten.shape
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, Len_in, self.n_heads, self.d_model // self.n_heads)
-        sampling_offsets = self.sampling_offsets(query).view(
+        sampling_offsets = _at_least_float32(self.sampling_offsets(query)).view(
             N, Len_q, self.n_heads, self.n_levels, self.n_points, 2)
-        attention_weights = self.attention_weights(query).view(
+        attention_weights = _at_least_float32(self.attention_weights(query)).view(
             N, Len_q, self.n_heads, self.n_levels * self.n_points)
         attention_weights = attention_weights.softmax(-1).view(
             N, Len_q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by that level's (W, H)
-            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]],
+                                            -1).to(sampling_offsets)
             sampling_locations = (reference_points[:, :, None, :, None, :]
                                   + sampling_offsets / offset_normalizer[None, None, None, :, None, :])
-        elif reference_points.shape[-1] == 4:
+        else:  # boxes: offsets are in units of half the box size, per point
             sampling_locations = (reference_points[:, :, None, :, None, :2]
                                   + sampling_offsets / self.n_points
                                   * reference_points[:, :, None, :, None, 2:] * 0.5)
-        else:
-            raise ValueError(f"MSDeformAttn: reference_points last dim must be 2 or 4, "
-                             f"got shape {tuple(reference_points.shape)}")
         output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
                                 sampling_locations, attention_weights, backend=self.backend)
         return self.output_proj(output)

@@ -4,6 +4,9 @@ Same math as the official `ms_deform_attn_core_pytorch`: per level, `grid_sample
 bilinear interpolation, zero padding and align_corners=False, then a weighted sum over
 levels and points. Slow and memory-hungry (it materialises every sampled value), but
 obviously correct, differentiable in every input, and available everywhere.
+
+Mixed dtypes (autocast gives a bfloat16 value next to float32 locations) are computed in
+the widest of the three dtypes and returned in value's dtype, as the kernels do.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ def ms_deform_attn_torch(
     attention_weights [N,Lq,M,L,P] -> [N,Lq,M*D]. `level_start_index` is implied by
     `spatial_shapes` and accepted only to keep the official signature."""
     del level_start_index
+    out_dtype = value.dtype
+    compute_dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype),
+                                        attention_weights.dtype)
+    value, sampling_locations, attention_weights = (
+        t.to(compute_dtype) for t in (value, sampling_locations, attention_weights))
     N, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
@@ -39,4 +47,4 @@ def ms_deform_attn_torch(
     # [N, Lq, M, L, P] -> [N*M, 1, Lq, L*P]
     weights = attention_weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(N, M * D, Lq)
-    return out.transpose(1, 2).contiguous()
+    return out.transpose(1, 2).contiguous().to(out_dtype)
