@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             first_loss = loss_value if first_loss is None else first_loss
             step += 1
             if step % 5 == 0 or step in (1, args.steps):
-                print(f"step {step:4d}  loss {loss_value:8.4f}  class {float(losses['loss_ce']):.4f}  "
-                      f"l1 {float(losses['loss_bbox']):.4f}  giou {float(losses['loss_giou']):.4f}  "
+                print(f"step {step:4d}  loss {loss_value:8.4f}  class {losses['loss_ce'].item():.4f}  "
+                      f"l1 {losses['loss_bbox'].item():.4f}  giou {losses['loss_giou'].item():.4f}  "
                       f"{done - tick:.2f} s/step  data wait {wait / total:.0%}")
             if step >= args.steps:
                 break
