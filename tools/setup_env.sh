@@ -22,10 +22,15 @@ fi
 if [ -n "$system_torch" ]; then
   sed "s/^torch==.*/torch==${system_torch}/" constraints.txt > "$constraints"
 fi
-pip=("$VENV/bin/python" -m pip install --quiet -c "$constraints")
-"${pip[@]}" --upgrade pip setuptools wheel
-torch_pin=$(grep '^torch==' "$constraints")
-"${pip[@]}" "$torch_pin"
-"${pip[@]}" -e '.[test]'
+# The machine's pip config names local indexes that may be absent: drop pip's notes about
+# them so real errors stand out.
+pip() {
+  "$VENV/bin/python" -m pip install --quiet -c "$constraints" "$@" \
+    2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
+pip --upgrade pip setuptools wheel
+pip "$(grep '^torch==' "$constraints")"
+# editable: the op is JIT-built from csrc/ in the checkout (ddetr_dist/ops/build.py)
+pip -e '.[test]'
 echo "$inputs" > "$stamp"
 echo "setup: done ($VENV)"
