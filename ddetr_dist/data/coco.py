@@ -10,9 +10,6 @@ from pathlib import Path
 
 import torch
 
-ANNOTATION_FIELDS = ("id", "bbox", "category_id", "area", "iscrowd")
-
-
 class AnnotationError(ValueError):
     """The annotation file is missing or its content is unusable (message names the image)."""
 

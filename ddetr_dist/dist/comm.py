@@ -3,7 +3,6 @@ data code may import this without pulling in Ray or DeepSpeed. With no process g
 (a notebook, a unit test) everything degrades to a single process."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -22,28 +21,11 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def get_local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place and returned (identity on one process)."""
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    return all_reduce_sum(tensor).div_(get_world_size())
 
 
 def all_gather_object(obj: Any) -> list[Any]:
