@@ -10,7 +10,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from ddetr_dist.data.atomic import atomic_write_bytes
+from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.data.urls import basename, expand_shards, is_local, local_path, scheme, sibling
 
 MANIFEST_NAME = "manifest.json"

@@ -28,7 +28,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from ddetr_dist.data.atomic import atomic_open
+from ddetr_dist.atomic import atomic_open
 from ddetr_dist.data.coco import AnnotationError, SampleError, image_records, load_instances
 from ddetr_dist.data.decode import IMAGE_EXTENSIONS, open_image
 from ddetr_dist.data.manifest import FORMAT, MANIFEST_NAME, num_classes_for, write_manifest

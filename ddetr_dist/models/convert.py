@@ -17,13 +17,12 @@ The direction is chosen from the source unless --to says otherwise. Writes are a
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ddetr_dist.atomic import atomic_open
 from ddetr_dist.config import ConfigError, ModelConfig, load_config
 
 from .build import build_model, variant_of
@@ -69,15 +68,8 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None, base: Model
         out = {"model": sd}
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    # write beside the target, then rename: a crash never leaves a half-written checkpoint
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(out, f)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(dst) as f:  # a crash never leaves a half-written checkpoint
+        torch.save(out, f)
     return to
 
 

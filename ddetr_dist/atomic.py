@@ -1,5 +1,6 @@
 """Files that appear whole or not at all: a crash never leaves a half-written file under
-its final name (a half shard that looks whole would poison every later epoch)."""
+its final name (a half shard or checkpoint that looks whole would poison every later use).
+Standard library only, so the data, model and engine code can all use it."""
 from __future__ import annotations
 
 import contextlib
