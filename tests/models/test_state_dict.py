@@ -11,8 +11,8 @@ from ddetr_dist.models import build_model
 
 from .conftest import VARIANT_NAMES
 
-# the `shared` folder sits beside the repository checkout
-REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "official_state_dict_shapes.json"
+# every key and shape of the official model, per variant (copied from the design card's reference data)
+REFERENCE = Path(__file__).resolve().parents[1] / "reference" / "official_state_dict_shapes.json"
 # Table 1 of the paper, millions of parameters
 PAPER_PARAMS_M = {"base": 40, "box_refine": 41, "two_stage": 41, "single_scale": 34}
 
