@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import yaml
 
+from ddetr_dist.atomic import atomic_write_bytes
+
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or carries a bad value."""
@@ -85,6 +87,46 @@ class DataConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW with the official parameter groups and a step schedule (the official recipe)."""
+
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1  # sampling_offsets and reference_points train at lr x this
+    weight_decay: float = 1e-4
+    epochs: int = 50
+    lr_drop: int = 40  # lr x lr_drop_factor from this epoch on
+    lr_drop_factor: float = 0.1
+    clip_max_norm: float = 0.1  # 0 = no clipping
+    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps
+
+
+@dataclass
+class TrainConfig:
+    """The train loop in each worker."""
+
+    max_steps: int = 0  # optimizer steps in all; 0 = run optim.epochs
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; parameters and optimizer stay fp32)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    grad_accum: int = 1  # micro-batches per optimizer step
+    checkpoint_every_steps: int = 0  # 0 = at each epoch end only
+    log_every_steps: int = 10
+    max_bad_steps: int = 5  # consecutive non-finite losses/gradients before the run aborts
+
+
+@dataclass
+class RayConfig:
+    """Where and how wide the run is."""
+
+    address: str = ""  # '' = RAY_ADDRESS, else a local Ray started for this run (127.0.0.1)
+    num_workers: int = 2  # training processes (one per GPU on a GPU cluster)
+    use_gpu: Optional[bool] = None  # None = use GPUs when the cluster has them
+    cpus_per_worker: int = 1  # also the torch threads of each worker
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
+    keep_checkpoints: int = 2  # newest checkpoints kept in the run directory
+
+
+@dataclass
 class Config:
     """The root of the tree."""
 
@@ -94,6 +136,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 # ---------------------------------------------------------------- loading and checking
@@ -133,6 +178,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '1e-3' (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"config key '{where}': expected true or false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -200,6 +250,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_training_config(cfg: Config) -> None:
+    """Values that are well typed but impossible for a training run: fail before any
+    worker starts, naming the key and what to do."""
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {message}")
+
+    t, o, r, d = cfg.train, cfg.optim, cfg.ray, cfg.data
+    need(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",
+         f"must be a plain directory name, got {cfg.name!r}")
+    need(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    need(0 <= t.zero_stage <= 3, "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    for key in ("grad_accum", "log_every_steps", "max_bad_steps"):
+        need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    for key in ("max_steps", "checkpoint_every_steps"):
+        need(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0 (0 = off), got {getattr(t, key)}")
+    need(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
+    need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    for key in ("lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm", "warmup_steps", "lr_drop"):
+        need(getattr(o, key) >= 0, f"optim.{key}", f"must be >= 0, got {getattr(o, key)}")
+    need(r.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {r.num_workers}")
+    need(r.cpus_per_worker >= 1, "ray.cpus_per_worker", f"must be >= 1, got {r.cpus_per_worker}")
+    need(r.max_failures >= -1, "ray.max_failures", f"must be >= 0 (-1 = retry forever), got {r.max_failures}")
+    need(r.keep_checkpoints >= 1, "ray.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
+    need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    need(bool(d.train_shards), "data.train_shards", "is empty: point it at the training shards "
+         "(a directory with manifest.json, a brace pattern or a URL; `ddetr shard` writes them)")
+
+
+def config_from_dict(values: dict) -> Config:
+    """The inverse of `to_dict` (checked like a YAML file)."""
+    return _merge(Config(), values)
+
+
 def to_dict(cfg: Config) -> dict:
     """A plain nested dict (tuples as lists) that round-trips through YAML and load_config."""
 
@@ -212,5 +300,9 @@ def to_dict(cfg: Config) -> dict:
             for k, v in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))}
 
 
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_bytes(path, config_to_yaml(cfg).encode())

@@ -212,23 +212,34 @@ class DetectionLoader(DataLoader):
                          multiprocessing_context=context)
         self.skips = SkipCounter()
         self.epoch = 0
+        self.skip_batches = 0
 
     @property
     def shards(self) -> ShardSet:
         return self.dataset.shards
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The next pass is `epoch`, starting after its first `skip_batches` batches: the
+        same batches in the same order as a pass that was not interrupted (resuming)."""
         self.epoch = epoch
+        self.skip_batches = skip_batches
 
     def __iter__(self):
         self.dataset.epoch = self.epoch  # copied into the workers when they start, below
         self.epoch += 1
+        # Fast-forward by producing and dropping batches: the transforms draw from each
+        # slot's rng and the workers take turns, so only a replay gives the same order.
+        skip, self.skip_batches = self.skip_batches, 0
         epoch_skips = SkipCounter()
         for images, padding_mask, targets, skipped in super().__iter__():
             epoch_skips.update(skipped)
             self.skips.update(skipped)
-            if targets:
-                yield images, padding_mask, targets
+            if not targets:
+                continue
+            if skip:
+                skip -= 1
+                continue
+            yield images, padding_mask, targets
         if epoch_skips:
             log.warning("%s loader, rank %d, epoch %d: %s", "train" if self.dataset.train else "eval",
                         self.dataset.rank, self.dataset.epoch, epoch_skips.summary())

@@ -35,3 +35,28 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank: a decision all ranks take
+    together (skip a step, stop), so that none waits in a collective the others skipped."""
+    if not is_distributed():
+        return bool(flag)
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=backend_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` of rank `src` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

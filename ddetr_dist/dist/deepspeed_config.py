@@ -1,0 +1,34 @@
+"""The DeepSpeed JSON, generated from the config tree (never kept by hand); the run
+directory gets a copy for inspection (`deepspeed_config.json`).
+
+Precision goes through DeepSpeed's torch autocast: parameters, gradients and optimizer
+state stay fp32, matmuls/convolutions and the MSDA op run in bf16/fp16. The optimizer is
+the torch AdamW we build (per-group learning rates), and there is no DeepSpeed scheduler:
+it would overwrite those rates."""
+from __future__ import annotations
+
+from ddetr_dist.config import Config
+
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    t = cfg.train
+    zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        # our model is small per layer: keep every parameter partitioned, and never gather
+        # a 16-bit copy on save (the world-size-free checkpoint gathers fp32 itself)
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": cfg.data.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.clip_max_norm,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW with our parameter groups
+        "steps_per_print": 10 ** 9,  # we log; DeepSpeed's own step prints would interleave
+        "wall_clock_breakdown": False,
+    }
+    if t.precision in AUTOCAST_DTYPES:
+        config["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[t.precision]}
+    return config

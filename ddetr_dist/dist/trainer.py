@@ -1,0 +1,155 @@
+"""The driver of `ddetr train`: check the config, connect to Ray (or start a local one on
+127.0.0.1), and run a Ray Train `TorchTrainer` whose workers each run the DeepSpeed train
+loop (`ddetr_dist.dist.worker`).
+
+The run directory `<output_dir>/<name>/` is Ray's storage for the run: it holds Ray's
+checkpoints and run snapshot, and ours: `config.yaml`, `deepspeed_config.json`,
+`metrics.jsonl`, `model_final.pth`. Running the same name again resumes from the newest
+checkpoint (Ray reads its snapshot); a new name starts fresh.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddetr_dist.atomic import atomic_write_bytes
+from ddetr_dist.config import Config, ConfigError, check_training_config, save_config, to_dict
+
+log = logging.getLogger("ddetr_dist.train")
+# Ray binds the machine's external interface and phones home unless told otherwise
+RAY_ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+LOCAL_RAY_ADDRESS = "127.0.0.1"
+
+
+class TrainingFailed(RuntimeError):
+    """The run ended without finishing (its workers' error is in the message)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model_final: Path
+    metrics: dict  # the last training record of metrics.jsonl
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.output_dir).expanduser().resolve() / cfg.name
+
+
+def check_data(cfg: Config) -> None:
+    """The shards exist and their manifests read, before any worker starts."""
+    from ddetr_dist.data import load_shard_set
+
+    for key, spec, manifest in (("data.train_shards", cfg.data.train_shards, cfg.data.train_manifest),
+                                ("data.val_shards", cfg.data.val_shards, cfg.data.val_manifest)):
+        if not spec:
+            continue
+        try:
+            shards = load_shard_set(spec, cfg.data.allow_pipe_urls, manifest)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"config key '{key}' = {spec!r}: {e}") from None
+        if shards.total == 0:
+            raise ConfigError(f"config key '{key}' = {spec!r}: its manifest lists no samples")
+
+
+def connect_ray(cfg: Config) -> bool:
+    """Connect to `ray.address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1.
+    -> True when this process started Ray (and should stop it)."""
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return False
+    log.info("starting a local Ray on %s for this run", LOCAL_RAY_ADDRESS)
+    ray.init(_node_ip_address=LOCAL_RAY_ADDRESS, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def check_resources(cfg: Config) -> bool:
+    """-> whether the workers use GPUs. Fails (naming the keys) when the cluster cannot
+    place the workers at all: Ray would otherwise wait for them forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else gpus > 0
+    r = cfg.ray
+    need_cpus = r.num_workers * r.cpus_per_worker
+    if total.get("CPU", 0) < need_cpus:
+        raise ConfigError(
+            f"config keys 'ray.num_workers' ({r.num_workers}) x 'ray.cpus_per_worker' ({r.cpus_per_worker}) = "
+            f"{need_cpus} CPUs, but the Ray cluster has {total.get('CPU', 0):g}. Lower them, or add nodes.")
+    if use_gpu and gpus < r.num_workers:
+        raise ConfigError(f"config key 'ray.num_workers' ({r.num_workers}): one GPU per worker, but the Ray "
+                          f"cluster has {gpus} GPU(s). Lower ray.num_workers, or set ray.use_gpu=false.")
+    if cfg.train.precision == "fp16" and not use_gpu:
+        raise ConfigError("config key 'train.precision': fp16 needs GPUs; on CPUs use bf16 (or fp32)")
+    return use_gpu
+
+
+def write_run_files(cfg: Config, run_dir: Path) -> None:
+    from ddetr_dist.dist.deepspeed_config import deepspeed_config
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    ds = deepspeed_config(cfg, cfg.ray.num_workers)
+    atomic_write_bytes(run_dir / "deepspeed_config.json", json.dumps(ds, indent=1).encode())
+
+
+def train(cfg: Config) -> RunResult:
+    """Run (or resume) `cfg` to the end on Ray. Raises ConfigError before any worker
+    starts, TrainingFailed when the workers fail more than `ray.max_failures` times."""
+    check_training_config(cfg)
+    check_data(cfg)
+    run_dir = run_dir_of(cfg)
+    started_ray = connect_ray(cfg)
+    try:
+        use_gpu = check_resources(cfg)
+        resuming = (run_dir / "metrics.jsonl").exists()
+        write_run_files(cfg, run_dir)
+        log.info("%s run %s (%d workers, ZeRO-%d, %s)", "resuming" if resuming else "starting", run_dir,
+                 cfg.ray.num_workers, cfg.train.zero_stage, cfg.train.precision)
+        _fit(cfg, run_dir, use_gpu)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    from ddetr_dist.engine.loop import FINAL_MODEL
+    from ddetr_dist.engine.metrics import read_metrics
+
+    records = [r for r in read_metrics(run_dir) if r.get("event") == "train"]
+    return RunResult(run_dir, run_dir / FINAL_MODEL, records[-1] if records else {})
+
+
+def _fit(cfg: Config, run_dir: Path, use_gpu: bool) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ddetr_dist.dist.worker import train_loop_per_worker
+
+    r = cfg.ray
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "run_id": uuid.uuid4().hex[:8]},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints)),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps the workers' error: keep its message, drop Ray's frames
+        raise TrainingFailed(f"training run {run_dir} failed: {e}") from e

@@ -1,0 +1,84 @@
+"""What each Ray Train worker runs: the engine's `Trainer` with Ray's checkpoints.
+
+Ray made the process group (gloo on CPUs, NCCL on GPUs); DeepSpeed joins it. Checkpoints
+go through `ray.train.report`: every rank writes its part into a local folder, Ray merges
+the folders into one checkpoint directory of the run and keeps `ray.keep_checkpoints`.
+After a worker failure or a driver restart, `ray.train.get_checkpoint()` hands the newest
+back and the trainer resumes from it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from ddetr_dist.config import Config, config_from_dict
+from ddetr_dist.dist import comm
+
+
+class RayCheckpointer:
+    def __init__(self, run_id: str):
+        self.run_id = run_id  # makes checkpoint folder names unique across restarts of the run
+
+    @contextlib.contextmanager
+    def latest(self) -> Iterator[Optional[Path]]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:  # the folder itself on a shared file system
+            yield Path(folder)
+
+    def save(self, step: int, metrics: dict, write) -> None:
+        import ray.train
+
+        folder = Path(tempfile.mkdtemp(prefix=f"ddetr-ckpt-{step}-"))
+        try:
+            write(folder)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                             checkpoint_dir_name=f"checkpoint_{step:09d}_{self.run_id}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def report(self, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report(metrics)
+
+
+def worker_info() -> dict:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"rank": comm.get_rank(), "pid": os.getpid(), "host": socket.gethostname(),
+            "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from ddetr_dist.engine.loop import Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg: Config = config_from_dict(loop_config["config"])
+    torch.set_num_threads(cfg.ray.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    run_id = comm.broadcast_object(loop_config["run_id"])
+    trainer = Trainer(cfg, Path(loop_config["run_dir"]), RayCheckpointer(run_id), device=device)
+    workers = comm.all_gather_object(worker_info())
+    trainer.metrics.emit({"event": "workers", "step": trainer.progress.step, "epoch": trainer.progress.epoch,
+                          "workers": workers})
+    trainer.fit()
+

@@ -1,0 +1,368 @@
+"""The train loop of one worker: a DeepSpeed engine around the detector, this rank's split
+of the train shards, checkpoints through a `Checkpointer` (Ray's, or a folder of the run
+directory without Ray), and metrics through `MetricsLog`.
+
+It knows nothing of Ray: `ddetr_dist.dist.worker` runs it inside a Ray Train worker, the
+benchmark in one plain process. Each step:
+
+    batch -> forward (autocast) -> losses -> all ranks agree the loss is finite
+          -> engine.backward -> (at the accumulation boundary) gradients finite? -> engine.step
+
+A non-finite loss or gradient on any rank skips the step on all ranks (an all-reduce
+decides, so no rank waits in a collective the others skipped); `train.max_bad_steps` in a
+row abort the run with advice.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator, Optional, Protocol
+
+import torch
+
+from ddetr_dist.config import Config
+from ddetr_dist.data import build_train_loader
+from ddetr_dist.dist import comm
+from ddetr_dist.engine import train_state
+from ddetr_dist.engine.metrics import MetricsLog
+from ddetr_dist.engine.optim import build_optimizer, set_learning_rates
+from ddetr_dist.engine.train_state import Progress
+from ddetr_dist.models import build_model
+
+log = logging.getLogger("ddetr_dist.train")
+FINAL_MODEL = "model_final.pth"
+# Fault injection for tests: "STEP[,STEP...][@RANK]" makes the loss non-finite at those
+# optimizer steps (0-based) on RANK (default: every rank).
+INJECT_NONFINITE_ENV = "DDETR_INJECT_NONFINITE_LOSS"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Checkpointer(Protocol):
+    def latest(self) -> ContextManager[Optional[Path]]:
+        """The checkpoint to resume from (a directory), or None."""
+
+    def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
+        """Collective: each rank calls `write(folder)` to put its files in a folder, which
+        becomes one checkpoint with `metrics` attached."""
+
+    def report(self, metrics: dict) -> None:
+        """Collective: metrics without a checkpoint (e.g. an evaluation)."""
+
+
+EpochHook = Callable[["Trainer", int], dict]  # (trainer, finished epoch) -> metrics to report
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent in each phase since the last log line (this rank)."""
+
+    data: float = 0.0
+    forward: float = 0.0
+    backward: float = 0.0
+    optimizer: float = 0.0
+    images: int = 0
+    micro_steps: int = 0  # with a finite loss
+    optimizer_steps: int = 0
+    losses: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.data + self.forward + self.backward + self.optimizer
+
+
+def _injected_nonfinite_steps() -> set[int]:
+    spec = os.environ.get(INJECT_NONFINITE_ENV, "")
+    if not spec:
+        return set()
+    steps, _, rank = spec.partition("@")
+    if rank and int(rank) != comm.get_rank():
+        return set()
+    return {int(s) for s in steps.split(",") if s}
+
+
+def _grads_finite(module: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+class Trainer:
+    """One worker's training: `Trainer(cfg, run_dir, checkpointer).fit()`."""
+
+    def __init__(self, cfg: Config, run_dir: Path, checkpointer: Checkpointer, device: torch.device | None = None,
+                 epoch_hooks: list[EpochHook] = ()):
+        import deepspeed  # the engine's dependency, not the model's
+
+        from ddetr_dist.dist.deepspeed_config import deepspeed_config
+
+        self.cfg, self.run_dir, self.checkpointer = cfg, Path(run_dir), checkpointer
+        self.device = device or torch.device("cpu")
+        self.epoch_hooks = list(epoch_hooks)
+        self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
+        self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0)
+        self.progress = Progress(world_size=self.world_size, zero_stage=cfg.train.zero_stage)
+        self.nonfinite_at = _injected_nonfinite_steps()
+        self._step_bad = False  # a micro-step of the current optimizer step had a non-finite loss
+        self._last_saved_step: int | None = None
+        self.lrs: dict[str, float] = {}
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model, self.criterion, self.postprocess = build_model(cfg)
+        self.loader = build_train_loader(cfg.data, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
+                                         pin_memory=self.device.type == "cuda")
+        self.batches_per_epoch = len(self.loader)
+        self.steps_per_epoch = max(1, self.batches_per_epoch // cfg.train.grad_accum)
+        self.total_steps = cfg.train.max_steps or cfg.optim.epochs * self.steps_per_epoch
+
+        with checkpointer.latest() as resume_dir:
+            portable = None
+            if resume_dir is not None:
+                saved = Progress.read(resume_dir)
+                train_state.check_complete(resume_dir, saved)
+                exact = train_state.can_resume_exactly(saved, self.world_size, cfg.train.zero_stage)
+                if not exact:
+                    portable = train_state.load_portable_model(resume_dir, model)
+            model.to(self.device)
+            self.optimizer = build_optimizer(model, cfg.optim, cfg.model)
+            self.ds_config = deepspeed_config(cfg, self.world_size)
+            self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
+                                                   dist_init_required=False)
+            if resume_dir is not None:
+                self._resume(resume_dir, saved, exact, portable)
+
+    # ------------------------------------------------------------------ resume
+
+    def _resume(self, resume_dir: Path, saved: Progress, exact: bool, portable: dict | None) -> None:
+        if exact:
+            train_state.restore(resume_dir, self.engine, saved)
+            batches_in_epoch = saved.batches_in_epoch
+        else:
+            train_state.load_portable_optimizer(portable, self.engine, self.optimizer, self.cfg.train.zero_stage)
+            # the data split depends on the world size: continue the epoch at the same
+            # fraction (the exact sample order of the old world cannot be re-cut)
+            batches_in_epoch = round(saved.batches_in_epoch * saved.world_size / self.world_size)
+            log.warning("resuming a checkpoint of %d worker(s), ZeRO-%d with %d worker(s), ZeRO-%d: loaded its "
+                        "world-size-free form; the data order of the rest of epoch %d differs from the old run's",
+                        saved.world_size, saved.zero_stage, self.world_size, self.cfg.train.zero_stage, saved.epoch)
+        self.progress = Progress(step=saved.step, epoch=saved.epoch, batches_in_epoch=batches_in_epoch,
+                                 skipped_steps=saved.skipped_steps, bad_steps_in_a_row=saved.bad_steps_in_a_row,
+                                 samples_seen=saved.samples_seen, world_size=self.world_size,
+                                 zero_stage=self.cfg.train.zero_stage)
+        self.metrics.truncate_after(saved.step)
+        self.metrics.emit({"event": "resume", "step": saved.step, "epoch": saved.epoch, "from": str(resume_dir),
+                           "exact": exact, "from_world_size": saved.world_size})
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> Progress:
+        """Train to `train.max_steps` (or `optim.epochs`), checkpointing at each epoch end
+        and every `train.checkpoint_every_steps`; then write model_final.pth."""
+        p = self.progress
+        self.engine.train()
+        while p.step < self.total_steps:
+            self.loader.set_epoch(p.epoch, skip_batches=p.batches_in_epoch)
+            self._train_epoch()
+            if p.batches_in_epoch >= self.batches_per_step_epoch:
+                self._end_epoch()
+        if not self._saved_at(p.step):
+            self.save_checkpoint({})
+        self.save_final_model()
+        return p
+
+    @property
+    def batches_per_step_epoch(self) -> int:
+        """Batches of this rank an epoch uses (whole optimizer steps)."""
+        return self.steps_per_epoch * self.cfg.train.grad_accum
+
+    def _train_epoch(self) -> None:
+        """Until the epoch's batches are used or the run's steps are done."""
+        p, t = self.progress, self.cfg.train
+        times = StepTimes()
+        tick = time.perf_counter()
+        for images, padding_mask, targets in self.loader:
+            times.data += time.perf_counter() - tick
+            self._forward_backward(images, padding_mask, targets, times)
+            p.batches_in_epoch += 1
+            times.images += len(targets)
+            if p.batches_in_epoch % t.grad_accum == 0:
+                self._optimizer_step(times)
+                if p.step % t.log_every_steps == 0 or p.step == self.total_steps:
+                    self._log(times)
+                    times = StepTimes()
+                if p.step >= self.total_steps or p.batches_in_epoch >= self.batches_per_step_epoch:
+                    return
+                if t.checkpoint_every_steps and p.step % t.checkpoint_every_steps == 0:
+                    self.save_checkpoint({})
+            tick = time.perf_counter()
+
+    def _forward_backward(self, images, padding_mask, targets, times: StepTimes) -> None:
+        p = self.progress
+        images, padding_mask = images.to(self.device, non_blocking=True), padding_mask.to(self.device, non_blocking=True)
+        targets = [{k: v.to(self.device) for k, v in tgt.items()} for tgt in targets]
+        t0 = time.perf_counter()
+        outputs = self.engine(images, padding_mask)  # DeepSpeed applies train.precision's autocast
+        # losses in fp32: the matcher's costs and the focal loss are not safe in bf16/fp16
+        outputs = _to_float(outputs)
+        losses = self.criterion(outputs, targets)
+        weights = self.criterion.weight_dict
+        loss = sum(losses[k] * weights[k] for k in losses if k in weights)
+        if p.step in self.nonfinite_at:
+            loss = loss * float("nan")
+        t1 = time.perf_counter()
+        times.forward += t1 - t0
+        loss_finite = not comm.any_rank(not bool(torch.isfinite(loss)))
+        if loss_finite:
+            self.engine.backward(loss)
+            for k in ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"):
+                if k in losses:
+                    times.losses[k] = times.losses.get(k, 0.0) + float(losses[k].detach())
+            times.losses["loss"] = times.losses.get("loss", 0.0) + float(loss.detach())
+            times.micro_steps += 1
+        self._step_bad = self._step_bad or not loss_finite
+        times.backward += time.perf_counter() - t1
+
+    def _optimizer_step(self, times: StepTimes) -> None:
+        """At the accumulation boundary: the optimizer step, unless a loss or gradient of
+        this step was non-finite on any rank."""
+        p, t = self.progress, self.cfg.train
+        t0 = time.perf_counter()
+        self.lrs = set_learning_rates(self.optimizer, self.cfg.optim, p.step, p.epoch)
+        bad = self._step_bad
+        if t.zero_stage == 0 and not bad:
+            # DeepSpeed without ZeRO would apply a NaN gradient: look before it steps
+            bad = comm.any_rank(not _grads_finite(self.engine.module))
+        if bad:
+            self.engine.zero_grad()
+        else:
+            self.engine.step()
+            # under ZeRO, DeepSpeed itself skips a step whose global gradient norm is not finite
+            norm = self.engine.get_global_grad_norm()
+            bad = norm is not None and not math.isfinite(float(norm))
+        self._step_bad = False
+        times.optimizer += time.perf_counter() - t0
+        times.optimizer_steps += 1
+        p.step += 1
+        p.samples_seen += self.cfg.data.batch_size * t.grad_accum * self.world_size
+        if bad:
+            p.skipped_steps += 1
+            p.bad_steps_in_a_row += 1
+            log.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row, %d in all)",
+                        p.step - 1, p.bad_steps_in_a_row, p.skipped_steps)
+            self.metrics.emit({"event": "skipped_step", "step": p.step, "epoch": p.epoch,
+                               "skipped_steps": p.skipped_steps})
+            if p.bad_steps_in_a_row >= t.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{p.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient (train.max_bad_steps="
+                    f"{t.max_bad_steps}), last at step {p.step - 1}. Try a lower optim.lr, optim.warmup_steps > 0, "
+                    "optim.clip_max_norm > 0, train.precision=fp32 (bf16/fp16 overflow), and check the data "
+                    "(boxes of zero size, wrong category ids).")
+        else:
+            p.bad_steps_in_a_row = 0
+
+    def _log(self, times: StepTimes) -> None:
+        p = self.progress
+        n = max(1, times.micro_steps)
+        record = {"event": "train", "step": p.step, "epoch": p.epoch,
+                  **{k: v / n for k, v in times.losses.items()},
+                  "lr": self.lrs.get("rest", next(iter(self.lrs.values()))),
+                  **{f"lr_{name}": lr for name, lr in self.lrs.items()},
+                  "images_per_s": times.images * self.world_size / max(times.total, 1e-9),
+                  "step_time": times.total / max(1, times.optimizer_steps),
+                  "data_wait": times.data / max(times.total, 1e-9),
+                  "time_forward": times.forward, "time_backward": times.backward, "time_optimizer": times.optimizer,
+                  "skipped_steps": p.skipped_steps, "skipped_samples": self.loader.skips.total}
+        self.metrics.emit(record)
+
+    def _end_epoch(self) -> None:
+        p = self.progress
+        finished = p.epoch
+        p.epoch, p.batches_in_epoch = p.epoch + 1, 0
+        metrics = {"epoch_finished": finished}
+        for hook in self.epoch_hooks:
+            metrics.update(hook(self, finished) or {})
+        self.save_checkpoint(metrics)
+
+    # ------------------------------------------------------------------ saving
+
+    def _saved_at(self, step: int) -> bool:
+        return self._last_saved_step == step
+
+    def save_checkpoint(self, metrics: dict) -> None:
+        p = self.progress
+        self.checkpointer.save(p.step, {"step": p.step, "epoch": p.epoch, **metrics},
+                               lambda folder: train_state.save(folder, self.engine, self.optimizer, p))
+        self._last_saved_step = p.step
+        self.metrics.emit({"event": "checkpoint", "step": p.step, "epoch": p.epoch})
+
+    def save_final_model(self) -> Path:
+        """`model_final.pth`: the consolidated fp32 model as {'model': state_dict} with the
+        official names (plus our config, which the official code ignores)."""
+        from ddetr_dist.atomic import atomic_open
+        from ddetr_dist.models.build import variant_of
+
+        portable = train_state.portable_state(self.engine, self.optimizer, self.cfg.train.zero_stage)
+        path = self.run_dir / FINAL_MODEL
+        if self.rank == 0:
+            import dataclasses
+
+            out = {"model": portable["model"],
+                   "ddetr_dist": {"variant": variant_of(self.cfg.model), "config": dataclasses.asdict(self.cfg.model),
+                                  "step": self.progress.step}}
+            with atomic_open(path) as f:
+                torch.save(out, f)
+            self.metrics.emit({"event": "final", "step": self.progress.step, "epoch": self.progress.epoch,
+                               "model_final": str(path), "skipped_steps": self.progress.skipped_steps,
+                               "skipped_samples": self.loader.skips.total})
+        comm.barrier()
+        return path
+
+
+def _to_float(outputs):
+    if torch.is_tensor(outputs):
+        return outputs.float()
+    if isinstance(outputs, dict):
+        return {k: _to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_to_float(v) for v in outputs)
+    return outputs
+
+
+def local_checkpointer(directory: Path, keep: int = 2) -> "FolderCheckpointer":
+    return FolderCheckpointer(Path(directory), keep)
+
+
+class FolderCheckpointer:
+    """Checkpoints in `<directory>/step_<n>/` without Ray (one process, or ranks sharing a
+    file system); the newest complete one resumes."""
+
+    def __init__(self, directory: Path, keep: int = 2):
+        self.directory, self.keep = directory, keep
+
+    def _complete(self) -> list[Path]:
+        found = sorted(self.directory.glob("step_*"), key=lambda d: int(d.name.split("_")[1]))
+        return [d for d in found if (d / train_state.META).exists()]
+
+    @contextlib.contextmanager
+    def latest(self) -> Iterator[Optional[Path]]:
+        done = self._complete()
+        yield done[-1] if done else None
+
+    def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
+        folder = self.directory / f"step_{step:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write(folder)
+        comm.barrier()
+        if comm.get_rank() == 0:
+            import shutil
+
+            for old in self._complete()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def report(self, metrics: dict) -> None:
+        pass

@@ -1,0 +1,66 @@
+"""The one place a run's metrics go out: `metrics.jsonl` in the run directory (one JSON
+object per logged step or evaluation) and the console, on rank 0. Evaluation and
+TensorBoard attach here as sinks."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from ddetr_dist.atomic import atomic_write_bytes
+
+log = logging.getLogger("ddetr_dist.train")
+METRICS_FILE = "metrics.jsonl"
+
+Sink = Callable[[dict], None]
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value
+
+
+class MetricsLog:
+    """Rank 0 writes, the other ranks only count. Each record gets `time` (seconds since
+    the epoch) and must carry `step` and `epoch`."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled
+        self.sinks: list[Sink] = []
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop the lines of steps after the checkpoint (they are redone), so
+        that the file reads as one uninterrupted run."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_bytes(self.path, "".join(line + "\n" for line in kept).encode())
+
+    def emit(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **{k: _plain(v) for k, v in record.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink(record)
+        if record.get("event") == "train":
+            log.info("epoch %d step %d  loss %.4f  lr %.2e  %.1f img/s  data wait %.0f%%%s", record["epoch"],
+                     record["step"], record["loss"], record["lr"], record["images_per_s"],
+                     100 * record["data_wait"], f"  skipped steps {record['skipped_steps']}"
+                     if record.get("skipped_steps") else "")
+        elif record.get("event") != "worker":
+            log.info("%s", json.dumps(record))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
