@@ -26,6 +26,7 @@ import tarfile
 from itertools import islice
 from typing import Iterator
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -208,8 +209,10 @@ class DetectionLoader(DataLoader):
         # under a spawning launcher (torch.multiprocessing.spawn) they would otherwise be
         # spawned too, re-importing torch for seconds at every epoch.
         context = "fork" if stream.num_workers and sys.platform == "linux" else None
+        # A generator of its own: starting an epoch must not draw from the global torch RNG,
+        # which dropout uses (a resumed run would otherwise drift from an uninterrupted one).
         super().__init__(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=pin_memory,
-                         multiprocessing_context=context)
+                         multiprocessing_context=context, generator=torch.Generator().manual_seed(0))
         self.skips = SkipCounter()
         self.epoch = 0
         self.skip_batches = 0

@@ -267,7 +267,9 @@ class Trainer:
 
     def _log(self, times: StepTimes) -> None:
         p = self.progress
-        n = max(1, times.micro_steps)
+        if not times.micro_steps:  # every step since the last line was skipped (and logged as such)
+            return
+        n = times.micro_steps
         record = {"event": "train", "step": p.step, "epoch": p.epoch,
                   **{k: v / n for k, v in times.losses.items()},
                   "lr": self.lrs.get("rest", next(iter(self.lrs.values()))),

@@ -136,18 +136,22 @@ def portable_state(engine, optimizer: torch.optim.Optimizer, zero_stage: int) ->
     module = engine.module
     relink_optimizer_fragments(engine)
     own = module.state_dict()  # the keys (and buffers) in the official order
-    params = dict(module.named_parameters())
+    # shared heads appear under several keys: gather each parameter once
+    params = dict(module.named_parameters(remove_duplicate=False))
+    gathered: dict[int, torch.Tensor] = {}
     model, adam = {}, {}
     for name in own:
-        if name in params:
-            p = params[name]
-            value = _full_param(p)
+        p = params.get(name)
+        if p is None:  # a buffer
+            value = own[name].detach().cpu()
+        elif id(p) in gathered:
+            value = gathered[id(p)]
+        else:
+            value = gathered[id(p)] = _full_param(p)
             if p.requires_grad:
                 state = _full_optimizer_state(p, optimizer, zero_stage)
                 if state and rank0:
                     adam[name] = state
-        else:
-            value = own[name].detach().cpu()
         if rank0:
             model[name] = value.clone()
     if not rank0:

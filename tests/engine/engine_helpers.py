@@ -28,6 +28,14 @@ def tiny_config(data_dir: Path, out_dir: Path, *overrides: str):
         f"output_dir={out_dir}", *overrides])
 
 
+def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 96, 128, generator=generator)
+    padding_mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    padding_mask[1, :, 100:] = True
+    return images, padding_mask
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,12 +50,18 @@ def _worker(rank: int, world: int, port: int, cfg, run_dir: str, result_file: st
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from ddetr_dist.engine.loop import FolderCheckpointer, Trainer
+        from ddetr_dist.engine.train_state import portable_state
 
         trainer = Trainer(cfg, Path(run_dir), FolderCheckpointer(Path(run_dir) / "checkpoints"))
         trainer.fit()
+        # collective under ZeRO-3 (parameters are partitioned): every rank takes part
+        full = portable_state(trainer.engine, trainer.optimizer, cfg.train.zero_stage)
+        with torch.no_grad():  # a fixed input, to compare model_final.pth's outputs with
+            outputs = trainer.engine.module.eval()(*fixed_batch())
         if rank == 0:
-            params = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
-            torch.save({"params": params, "progress": trainer.progress.__dict__}, result_file)
+            params = {n: full["model"][n] for n, _ in trainer.engine.module.named_parameters()}
+            torch.save({"params": params, "progress": trainer.progress.__dict__,
+                        "pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}, result_file)
     finally:
         dist.destroy_process_group()
 

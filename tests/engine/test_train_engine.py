@@ -1,0 +1,109 @@
+"""The train loop without Ray: N processes on gloo, each a DeepSpeed engine. ZeRO stages
+agree, a resumed run equals an uninterrupted one bitwise, a checkpoint resumes at another
+world size, non-finite losses are skipped on every rank together, model_final.pth loads."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch.multiprocessing import ProcessRaisedException
+
+from ddetr_dist.engine.metrics import read_metrics
+from ddetr_dist.models import build_model, load_official_checkpoint
+
+from .engine_helpers import fixed_batch, run_trainer, tiny_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def train_losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if r.get("event") == "train"]
+
+
+def test_zero_stages_give_the_losses_of_stage_0(tiny_data, tmp_path):
+    losses = {}
+    for stage in (0, 1, 2, 3):
+        cfg = tiny_config(tiny_data, tmp_path, f"name=z{stage}", f"train.zero_stage={stage}", "train.max_steps=5")
+        run_trainer(cfg, 2, tmp_path / f"z{stage}")
+        losses[stage] = train_losses(tmp_path / f"z{stage}")
+    assert len(losses[0]) == 5 and all(map(torch.isfinite, torch.tensor(losses[0])))
+    for stage in (1, 2, 3):
+        # the same math; ZeRO reduces gradients in another order (reduce-scatter, buckets)
+        torch.testing.assert_close(torch.tensor(losses[stage]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-4,
+                                   msg=f"ZeRO-{stage} vs stage 0")
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_data, tmp_path, stage):
+    # loader workers on: the fast-forward must replay their interleaving exactly
+    common = [f"train.zero_stage={stage}", "data.num_workers=2", "model.dropout=0.1"]
+    whole = run_trainer(tiny_config(tiny_data, tmp_path, "name=whole", "train.max_steps=6",
+                                    "train.checkpoint_every_steps=3", *common), 2, tmp_path / "whole")
+    first = run_trainer(tiny_config(tiny_data, tmp_path, "name=split", "train.max_steps=3", *common), 2,
+                        tmp_path / "split")
+    assert first["progress"]["step"] == 3 and first["progress"]["batches_in_epoch"] == 3  # stopped mid-epoch
+    resumed = run_trainer(tiny_config(tiny_data, tmp_path, "name=split", "train.max_steps=6", *common), 2,
+                          tmp_path / "split")
+    assert resumed["progress"]["step"] == 6
+    for name, value in whole["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "whole")
+    events = [r["event"] for r in read_metrics(tmp_path / "split")]
+    assert events.count("resume") == 1
+
+
+def test_checkpoint_of_2_workers_resumes_with_1(tiny_data, tmp_path):
+    run_dir = tmp_path / "resize"
+    run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=4", "train.zero_stage=2"), 2, run_dir)
+    saved_dir = run_dir / "checkpoints" / "step_00000004"
+    saved = torch.load(saved_dir / "portable.pt", weights_only=True)
+    shutil.copytree(saved_dir, tmp_path / "saved")
+    # same step: nothing to train; the 1-worker engine re-saves what it loaded
+    run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=4", "train.zero_stage=2"), 1, run_dir)
+    reloaded = torch.load(saved_dir / "portable.pt", weights_only=True)
+    assert json.loads((saved_dir / "meta.json").read_text())["world_size"] == 1
+    assert reloaded["adam_step"] == saved["adam_step"] == 4
+    for name, value in saved["model"].items():
+        assert torch.equal(reloaded["model"][name], value), name
+    assert saved["adam"].keys() == reloaded["adam"].keys() and saved["adam"]
+    for name, state in saved["adam"].items():
+        for key, value in state.items():
+            assert torch.equal(reloaded["adam"][name][key], value), (name, key)
+    # and it trains on from there
+    out = run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=6", "train.zero_stage=2"), 1,
+                      run_dir)
+    assert out["progress"]["step"] == 6 and out["progress"]["world_size"] == 1
+    resume = [r for r in read_metrics(run_dir) if r.get("event") == "resume"]
+    assert [r["exact"] for r in resume] == [False, True] and resume[0]["from_world_size"] == 2
+
+
+def test_nonfinite_loss_on_one_rank_is_skipped_on_all(tiny_data, tmp_path):
+    out = run_trainer(tiny_config(tiny_data, tmp_path, "name=nan", "train.max_steps=5"), 2, tmp_path / "nan",
+                      env={"DDETR_INJECT_NONFINITE_LOSS": "1,2@1"})  # rank 1 only; rank 0 reports
+    assert out["progress"]["step"] == 5 and out["progress"]["skipped_steps"] == 2
+    skipped = [r["step"] for r in read_metrics(tmp_path / "nan") if r.get("event") == "skipped_step"]
+    assert skipped == [2, 3]
+    assert all(torch.isfinite(p).all() for p in out["params"].values())
+
+
+def test_max_bad_steps_in_a_row_abort_with_advice(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, "name=bad", "train.max_steps=6", "train.max_bad_steps=2")
+    with pytest.raises(ProcessRaisedException, match=r"2 steps in a row .*train.max_bad_steps=2.*lower optim.lr"):
+        run_trainer(cfg, 2, tmp_path / "bad", env={"DDETR_INJECT_NONFINITE_LOSS": "1,2,3"})
+
+
+def test_model_final_loads_as_an_official_checkpoint_and_gives_the_engines_outputs(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, "name=final", "train.max_steps=2", "train.zero_stage=3")
+    out = run_trainer(cfg, 2, tmp_path / "final")
+    model = build_model(cfg)[0]
+    assert load_official_checkpoint(tmp_path / "final" / "model_final.pth", model) == []
+    for name, value in model.named_parameters():
+        assert torch.equal(value, out["params"][name]), name  # the weights bitwise
+    with torch.no_grad():
+        outputs = model.eval()(*fixed_batch())
+    # the workers ran 1 torch thread, this process may run more: sums in another order
+    torch.testing.assert_close(outputs["pred_logits"], out["pred_logits"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(outputs["pred_boxes"], out["pred_boxes"], rtol=1e-6, atol=1e-6)
+    assert set(torch.load(tmp_path / "final" / "model_final.pth", weights_only=True)) >= {"model"}
