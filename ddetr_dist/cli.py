@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ddetr_dist.train", "train (or resume) a run: Ray Train workers with DeepSpeed ZeRO"),
     "demo-data": ("ddetr_dist.data.demo", "generate the built-in demo detection dataset (COCO json + jpgs + shards)"),
     "shard": ("ddetr_dist.data.shard", "write COCO images + annotations as webdataset tar shards"),
-    "bench": ("ddetr_dist.bench", "benchmarks: msda (the attention op), data (the loader)"),
+    "bench": ("ddetr_dist.bench", "benchmarks: msda (the attention op), data (the loader), train (the train loop)"),
     "convert-checkpoint": ("ddetr_dist.models.convert", "convert between official and ddetr_dist checkpoints"),
 }
 

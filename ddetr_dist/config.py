@@ -112,6 +112,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0 = at each epoch end only
     log_every_steps: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses/gradients before the run aborts
+    time_allreduce: bool = False  # log DeepSpeed's gradient all-reduce time apart (its wall-clock timers)
 
 
 @dataclass

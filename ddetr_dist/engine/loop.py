@@ -66,8 +66,9 @@ class StepTimes:
 
     data: float = 0.0
     forward: float = 0.0
-    backward: float = 0.0
+    backward: float = 0.0  # includes the gradient all-reduce
     optimizer: float = 0.0
+    allreduce: float = 0.0  # only with train.time_allreduce
     images: int = 0
     micro_steps: int = 0  # with a finite loss
     optimizer_steps: int = 0
@@ -245,6 +246,10 @@ class Trainer:
             norm = self.engine.get_global_grad_norm()
             bad = norm is not None and not math.isfinite(float(norm))
         self._step_bad = False
+        if t.time_allreduce:
+            from deepspeed.utils.timer import BACKWARD_REDUCE_GLOBAL_TIMER
+
+            times.allreduce += self.engine.timers(BACKWARD_REDUCE_GLOBAL_TIMER).elapsed(reset=True) / 1000
         times.optimizer += time.perf_counter() - t0
         times.optimizer_steps += 1
         p.step += 1
@@ -278,6 +283,7 @@ class Trainer:
                   "step_time": times.total / max(1, times.optimizer_steps),
                   "data_wait": times.data / max(times.total, 1e-9),
                   "time_forward": times.forward, "time_backward": times.backward, "time_optimizer": times.optimizer,
+                  **({"time_allreduce": times.allreduce} if self.cfg.train.time_allreduce else {}),
                   "skipped_steps": p.skipped_steps, "skipped_samples": self.loader.skips.total}
         self.metrics.emit(record)
 

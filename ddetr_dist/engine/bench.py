@@ -1,0 +1,176 @@
+"""Training throughput of the demo model on the demo data, every path measured in one run
+(this machine is noisy: compare within a run) and printed as ratios to the plain loop:
+
+  (a) plain PyTorch in one process: loader -> model -> losses -> backward -> clip -> AdamW
+  (b) our DeepSpeed engine loop in one process, ZeRO 0, 1 and 2
+  (c) the full `ddetr train` path: Ray, 2 workers (DeepSpeed ZeRO-0, gloo all-reduce)
+
+Each path runs `--steps` optimizer steps of warm-up (op build, allocator, loader start),
+then is timed over `--steps` more (the second of two equal log windows). The one-process paths use every core the Ray workers share.
+Target: DeepSpeed's overhead over the plain loop below 10% (ratio (b)/(a) above 0.90).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ddetr_dist.config import Config, load_config
+
+PHASES = ("data", "forward", "backward", "allreduce", "optimizer")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"))
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per path (as many warm up first)")
+    parser.add_argument("--no-ray", action="store_true", help="skip (c), the Ray path")
+    parser.add_argument("overrides", nargs="*", default=[], help="section.key=value config overrides")
+
+
+@dataclasses.dataclass
+class Measured:
+    name: str
+    images_per_s: float
+    step_s: float
+    phases: dict  # phase -> seconds per step
+
+
+def plain_loop(cfg: Config, steps: int) -> Measured:
+    """(a): what a user would write without DeepSpeed or Ray."""
+    from ddetr_dist.data import build_train_loader
+    from ddetr_dist.engine.optim import build_optimizer
+    from ddetr_dist.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    model, criterion, _ = build_model(cfg)
+    optimizer = build_optimizer(model, cfg.optim, cfg.model)
+    loader = build_train_loader(dataclasses.replace(cfg.data, samples_per_epoch=10 ** 6), seed=cfg.seed,
+                                rank=0, world_size=1)
+    model.train()
+    times = dict.fromkeys(PHASES, 0.0)
+    images, start, tick = 0, 0.0, time.perf_counter()
+    warmup = steps
+    for step, (batch, mask, targets) in enumerate(loader):
+        if step == warmup:
+            times, images, start = dict.fromkeys(PHASES, 0.0), 0, time.perf_counter()
+            tick = start
+        t0 = time.perf_counter()
+        losses = criterion(model(batch, mask), targets)
+        loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+        t1 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        if cfg.optim.clip_max_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
+        optimizer.step()
+        t3 = time.perf_counter()
+        for phase, dt in zip(("data", "forward", "backward", "optimizer"), (t0 - tick, t1 - t0, t2 - t1, t3 - t2)):
+            times[phase] += dt
+        images += len(targets)
+        tick = time.perf_counter()
+        if step + 1 == warmup + steps:
+            break
+    wall = time.perf_counter() - start
+    return Measured("(a) plain PyTorch, 1 process", images / wall, wall / steps, {k: v / steps for k, v in times.items()})
+
+
+@contextlib.contextmanager
+def one_process_group():
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def last_window(run_dir: Path) -> dict:
+    from ddetr_dist.engine.metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir) if r.get("event") == "train"][-1]
+
+
+def measured_from(name: str, record: dict, steps: int) -> Measured:
+    """From the last log window of a run logged every `steps` steps (rank 0's times)."""
+    return Measured(name, record["images_per_s"], record["step_time"],
+                    {"data": record["data_wait"] * record["step_time"],
+                     **{phase: record[f"time_{phase}"] / steps for phase in ("forward", "backward", "allreduce", "optimizer")}})
+
+
+def timed_run(cfg: Config, name: str, steps: int, **ray) -> Config:
+    """`steps` of warm-up then `steps` timed, logged once each; no checkpoint in between."""
+    return dataclasses.replace(
+        cfg, name=name, ray=dataclasses.replace(cfg.ray, **ray),
+        train=dataclasses.replace(cfg.train, max_steps=2 * steps, log_every_steps=steps, checkpoint_every_steps=0,
+                                  time_allreduce=True))
+
+
+def engine_loop(cfg: Config, stage: int, steps: int, workdir: Path) -> Measured:
+    """(b): the DeepSpeed engine loop of `ddetr train`, without Ray, in this process."""
+    from ddetr_dist.engine.loop import FolderCheckpointer, Trainer
+
+    cfg = timed_run(cfg, f"zero{stage}", steps)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, zero_stage=stage))
+    run_dir = workdir / cfg.name
+    run_dir.mkdir(parents=True)
+    with one_process_group():
+        Trainer(cfg, run_dir, FolderCheckpointer(run_dir / "checkpoints")).fit()
+    return measured_from(f"(b) DeepSpeed ZeRO-{stage}, 1 process", last_window(run_dir), steps)
+
+
+def ray_path(cfg: Config, steps: int, workdir: Path) -> Measured:
+    """(c): `ddetr train` itself: a local Ray, 2 workers."""
+    from ddetr_dist.dist.trainer import train
+
+    workers = 2
+    cfg = dataclasses.replace(timed_run(cfg, "ray", steps, num_workers=workers, cpus_per_worker=1, address=""),
+                              output_dir=str(workdir))
+    result = train(cfg)
+    return measured_from(f"(c) ddetr train: Ray, {workers} workers", last_window(result.run_dir), steps)
+
+
+def print_table(rows: list[Measured]) -> None:
+    base = rows[0]
+    print(f"\n{'path':<36} {'images/s':>9} {'x (a)':>6} {'s/step':>7}   " + "  ".join(f"{p:>9}" for p in PHASES))
+    for r in rows:
+        print(f"{r.name:<36} {r.images_per_s:9.2f} {r.images_per_s / base.images_per_s:6.2f} {r.step_s:7.3f}   "
+              + "  ".join(f"{r.phases.get(p, 0.0):9.3f}" for p in PHASES))
+    engines = [r for r in rows if r.name.startswith("(b)")]
+    if engines:
+        worst = min(r.images_per_s / base.images_per_s for r in engines)
+        verdict = "met" if worst >= 0.90 else "NOT met"
+        print(f"\nDeepSpeed overhead target (every (b) >= 0.90 x (a)): {verdict} (worst {worst:.2f})")
+    print("phases: seconds per optimizer step of one worker; allreduce is DeepSpeed's gradient reduction "
+          "(inside backward/optimizer, shown apart)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    threads = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the one-process paths get the cores the Ray workers share
+    print(f"bench train: {args.config}, batch {cfg.data.batch_size}/process, {args.steps} warm-up + {args.steps} "
+          f"timed steps per path, {threads} threads per one-process path")
+    rows = [plain_loop(cfg, args.steps)]
+    with tempfile.TemporaryDirectory(prefix="ddetr-bench-train-") as tmp:
+        for stage in (0, 1, 2):
+            rows.append(engine_loop(cfg, stage, args.steps, Path(tmp)))
+        torch.set_num_threads(previous_threads)
+        if not args.no_ray:
+            rows.append(ray_path(cfg, args.steps, Path(tmp)))
+    print_table(rows)
+    return 0

@@ -1,0 +1,108 @@
+"""`ddetr train` end to end: a subprocess starts its own local Ray, 2 Ray Train workers run
+DeepSpeed; worker failure, driver restart and bad configs."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from ddetr_dist.models import build_model, load_official_checkpoint
+from ddetr_dist.train import main as train_main
+
+from .ray_helpers import records, run_train, start_train, wait_for, write_tiny_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def test_two_workers_zero2_train_and_write_the_run_directory(tiny_data, tmp_path):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "e2e")
+    done = run_train(config, "train.zero_stage=2", "train.max_steps=16", "train.checkpoint_every_steps=5")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "e2e"
+    train = records(run_dir, "train")
+    assert [r["step"] for r in train] == list(range(1, 17))
+    for r in train:
+        assert {"step", "epoch", "time", "loss", "loss_ce", "loss_bbox", "loss_giou", "lr", "images_per_s",
+                "data_wait"} <= set(r)
+    losses = torch.tensor([r["loss"] for r in train])
+    assert torch.isfinite(losses).all()
+    assert losses[-4:].mean() < losses[:4].mean(), losses  # it learns
+    workers = records(run_dir, "workers")[0]["workers"]
+    assert sorted(w["rank"] for w in workers) == [0, 1] and len({w["pid"] for w in workers}) == 2
+    checkpoints = sorted(run_dir.glob("checkpoint_0*"))
+    assert len(checkpoints) == 2  # ray.keep_checkpoints
+    assert (checkpoints[-1] / "meta.json").exists() and (checkpoints[-1] / "portable.pt").exists()
+    assert (run_dir / "config.yaml").exists() and (run_dir / "deepspeed_config.json").exists()
+    model = build_model(build_config(run_dir))[0]
+    assert load_official_checkpoint(run_dir / "model_final.pth", model) == []
+
+
+def build_config(run_dir):
+    from ddetr_dist.config import load_config
+
+    return load_config(run_dir / "config.yaml")
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(tiny_data, tmp_path):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "fault")
+    run_dir = tmp_path / "runs" / "fault"
+    proc = start_train(config, "train.max_steps=40", "train.checkpoint_every_steps=4", log=tmp_path / "log.txt")
+    try:
+        wait_for(lambda: any(r["step"] >= 4 for r in records(run_dir, "checkpoint")), 240, "a checkpoint", proc)
+        victim = next(w for w in records(run_dir, "workers")[0]["workers"] if w["rank"] == 1)
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = max(r["step"] for r in records(run_dir, "train"))
+        assert proc.wait(timeout=600) == 0, (tmp_path / "log.txt").read_text()[-5000:]
+    finally:
+        proc.kill()
+    assert killed_at < 40, "the run finished before the worker was killed"
+    resumed = records(run_dir, "resume")
+    assert len(resumed) == 1 and 4 <= resumed[0]["step"] <= killed_at and resumed[0]["exact"]
+    # the redone steps replaced the lost ones: the log reads as one run, every step once
+    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 41))
+    assert records(run_dir, "final")[-1]["step"] == 40
+    assert len(records(run_dir, "workers")) == 2  # the first group and its replacement
+
+
+def test_restarted_driver_continues_and_a_finished_run_extends(tiny_data, tmp_path):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "driver")
+    run_dir = tmp_path / "runs" / "driver"
+    proc = start_train(config, "train.max_steps=40", "train.checkpoint_every_steps=4", log=tmp_path / "log1.txt")
+    try:
+        wait_for(lambda: any(r["step"] >= 4 for r in records(run_dir, "checkpoint")), 240, "a checkpoint", proc)
+        proc.send_signal(signal.SIGKILL)  # the driver dies; Ray's reaper takes the local cluster down
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert not records(run_dir, "final")
+    again = run_train(config, "train.max_steps=40", "train.checkpoint_every_steps=4")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert records(run_dir, "resume")[0]["step"] >= 4
+    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 41))
+    more = run_train(config, "train.max_steps=44", "train.checkpoint_every_steps=4")
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert records(run_dir, "resume")[-1]["step"] == 40
+    assert records(run_dir, "final")[-1]["step"] == 44
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.zero_stag=2", "unknown config key 'train.zero_stag'. Did you mean 'zero_stage'?"),
+    ("train.zero_stage=4", "'train.zero_stage': must be 0, 1, 2 or 3"),
+    ("train.precision=fp8", "'train.precision': must be one of fp32, bf16, fp16"),
+    ("data.train_shards=/nonexistent/shards", "'data.train_shards' = '/nonexistent/shards'"),
+])
+def test_bad_config_fails_before_ray_starts(tiny_data, tmp_path, capsys, override, message):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "bad")
+    assert train_main(["--config", str(config), override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_more_workers_than_the_cluster_can_place_fail_before_workers_start(tiny_data, tmp_path):
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "big")
+    done = run_train(config, "ray.cpus_per_worker=512", timeout=120)
+    assert done.returncode == 2
+    assert "'ray.num_workers' (2) x 'ray.cpus_per_worker' (512) = 1024 CPUs" in done.stderr
+    assert not records(tmp_path / "runs" / "big")
