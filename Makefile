@@ -26,6 +26,7 @@ demo: setup
 bench: setup
 	$(PY) -m ddetr_dist.cli bench msda
 	$(PY) -m ddetr_dist.cli bench data
+	$(PY) -m ddetr_dist.cli bench train
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -31,6 +31,10 @@ class ModelConfig:
 
     backbone_depth: int = 50  # ResNet depth: 18, 34, 50 or 101
     dilation: bool = False  # dilate the last ResNet stage (DC5)
+    # 'frozen_bn': fixed (ImageNet) statistics, the official fine-tuning recipe; 'bn': trainable
+    # BatchNorm, for training the backbone from scratch
+    backbone_norm: str = "frozen_bn"
+    backbone_frozen_stages: int = 2  # leading ResNet stages not trained: 0 none, 1 stem, 2 + layer1 (official), .. 5 all
     lr_backbone_names: tuple[str, ...] = ("backbone.0",)
     hidden_dim: int = 256
     nheads: int = 8
@@ -112,7 +116,6 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0 = at each epoch end only
     log_every_steps: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses/gradients before the run aborts
-    time_allreduce: bool = False  # log DeepSpeed's gradient all-reduce time apart (its wall-clock timers)
 
 
 @dataclass

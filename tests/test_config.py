@@ -66,3 +66,42 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "resolved.yaml")
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["seed"] == 7
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_training_sections_default_to_the_official_recipe():
+    cfg = Config()
+    assert (cfg.optim.lr, cfg.optim.lr_backbone, cfg.optim.lr_linear_proj_mult) == (2e-4, 2e-5, 0.1)
+    assert (cfg.optim.weight_decay, cfg.optim.epochs, cfg.optim.lr_drop, cfg.optim.clip_max_norm) == (1e-4, 50, 40, 0.1)
+    assert (cfg.train.precision, cfg.train.zero_stage, cfg.train.max_steps) == ("fp32", 0, 0)
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    # YAML 1.1 reads 1e-3 as a string; a learning rate written so must still work
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+    with pytest.raises(ConfigError, match="'optim.lr': expected float"):
+        load_config(None, ["optim.lr=fast"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.zero_stage=4", "'train.zero_stage': must be 0, 1, 2 or 3"),
+    ("train.precision=fp8", "'train.precision': must be one of fp32, bf16, fp16"),
+    ("train.grad_accum=0", "'train.grad_accum': must be >= 1"),
+    ("ray.num_workers=0", "'ray.num_workers': must be >= 1"),
+    ("optim.lr=-1", "'optim.lr': must be > 0"),
+    ("data.train_shards=", "'data.train_shards': is empty"),
+    ("name=a/b", "'name': must be a plain directory name"),
+])
+def test_impossible_training_values_name_the_key(override, message):
+    from ddetr_dist.config import check_training_config
+
+    cfg = load_config(None, ["data.train_shards=x", override])
+    with pytest.raises(ConfigError) as error:
+        check_training_config(cfg)
+    assert message in str(error.value)
+
+
+def test_config_round_trips_through_a_dict():
+    from ddetr_dist.config import config_from_dict, to_dict
+
+    cfg = load_config(CONFIGS / "demo.yaml", ["train.zero_stage=2", "ray.use_gpu=false"])
+    assert config_from_dict(to_dict(cfg)) == cfg

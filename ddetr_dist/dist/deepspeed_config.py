@@ -27,7 +27,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW with our parameter groups
         "steps_per_print": 10 ** 9,  # we log; DeepSpeed's own step prints would interleave
-        "wall_clock_breakdown": t.time_allreduce,  # its timers give the all-reduce time
+        "wall_clock_breakdown": False,
     }
     if t.precision in AUTOCAST_DTYPES:
         config["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[t.precision]}

@@ -141,7 +141,8 @@ def _fit(cfg: Config, run_dir: Path, use_gpu: bool) -> None:
     r = cfg.ray
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "run_id": uuid.uuid4().hex[:8]},
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "run_id": uuid.uuid4().hex[:8],
+                           "cwd": os.getcwd()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),

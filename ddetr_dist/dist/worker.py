@@ -71,6 +71,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg: Config = config_from_dict(loop_config["config"])
+    # Relative paths in the config mean what they meant where `ddetr train` ran: work in
+    # that directory when this node has it (one machine, or a file system shared at the
+    # same path); otherwise stay where Ray put us (e.g. a `ray job submit` working_dir).
+    if Path(loop_config["cwd"]).is_dir():
+        os.chdir(loop_config["cwd"])
     torch.set_num_threads(cfg.ray.cpus_per_worker)
     device = ray.train.torch.get_device()
     if device.type == "cuda":

@@ -68,7 +68,7 @@ class StepTimes:
     forward: float = 0.0
     backward: float = 0.0  # includes the gradient all-reduce
     optimizer: float = 0.0
-    allreduce: float = 0.0  # only with train.time_allreduce
+    allreduce: float = 0.0  # DeepSpeed's gradient reduction at the boundary (a part of backward)
     images: int = 0
     micro_steps: int = 0  # with a finite loss
     optimizer_steps: int = 0
@@ -98,6 +98,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, checkpointer: Checkpointer, device: torch.device | None = None,
                  epoch_hooks: list[EpochHook] = ()):
+        if not torch.cuda.is_available():  # say so, rather than have DeepSpeed warn that it guessed
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed  # the engine's dependency, not the model's
 
         from ddetr_dist.dist.deepspeed_config import deepspeed_config
@@ -136,6 +138,21 @@ class Trainer:
                                                    dist_init_required=False)
             if resume_dir is not None:
                 self._resume(resume_dir, saved, exact, portable)
+        self._time_allreduce()
+
+    def _time_allreduce(self) -> None:
+        """Wrap DeepSpeed's boundary gradient reduction to time it (one clock read each)."""
+        reduce = self.engine.allreduce_gradients
+        self._allreduce_s = 0.0
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return reduce(*args, **kwargs)
+            finally:
+                self._allreduce_s += time.perf_counter() - start
+
+        self.engine.allreduce_gradients = timed
 
     # ------------------------------------------------------------------ resume
 
@@ -219,7 +236,9 @@ class Trainer:
         times.forward += t1 - t0
         loss_finite = not comm.any_rank(not bool(torch.isfinite(loss)))
         if loss_finite:
+            reduced_before = self._allreduce_s
             self.engine.backward(loss)
+            times.allreduce += self._allreduce_s - reduced_before
             for k in ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"):
                 if k in losses:
                     times.losses[k] = times.losses.get(k, 0.0) + float(losses[k].detach())
@@ -246,10 +265,6 @@ class Trainer:
             norm = self.engine.get_global_grad_norm()
             bad = norm is not None and not math.isfinite(float(norm))
         self._step_bad = False
-        if t.time_allreduce:
-            from deepspeed.utils.timer import BACKWARD_REDUCE_GLOBAL_TIMER
-
-            times.allreduce += self.engine.timers(BACKWARD_REDUCE_GLOBAL_TIMER).elapsed(reset=True) / 1000
         times.optimizer += time.perf_counter() - t0
         times.optimizer_steps += 1
         p.step += 1
@@ -283,7 +298,7 @@ class Trainer:
                   "step_time": times.total / max(1, times.optimizer_steps),
                   "data_wait": times.data / max(times.total, 1e-9),
                   "time_forward": times.forward, "time_backward": times.backward, "time_optimizer": times.optimizer,
-                  **({"time_allreduce": times.allreduce} if self.cfg.train.time_allreduce else {}),
+                  "time_allreduce": times.allreduce,
                   "skipped_steps": p.skipped_steps, "skipped_samples": self.loader.skips.total}
         self.metrics.emit(record)
 

@@ -7,7 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .position_encoding import PositionEmbeddingSine
-from .resnet import ResNet
+from .resnet import FrozenBatchNorm2d, ResNet, trainable_batch_norm, unfreeze_batch_norm
+
+NORMS = ("frozen_bn", "bn")
+# parameter-name prefixes of the ResNet stages, in order: stem, layer1 .. layer4
+STAGES = (("conv1.", "bn1."), ("layer1.",), ("layer2.",), ("layer3.",), ("layer4.",))
 
 
 def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -18,16 +22,30 @@ def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class Backbone(nn.Module):
     """ResNet returning the last `num_outputs` of C3, C4, C5 with their padding masks."""
 
-    def __init__(self, depth: int = 50, num_outputs: int = 3, dilation: bool = False):
+    def __init__(self, depth: int = 50, num_outputs: int = 3, dilation: bool = False, norm: str = "frozen_bn",
+                 frozen_stages: int = 2):
         super().__init__()
         if not 1 <= num_outputs <= 3:
             raise ValueError(f"Backbone: num_outputs must be 1..3 (C3-C5), got {num_outputs}")
+        if norm not in NORMS:
+            raise ValueError(f"model.backbone_norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        if not 0 <= frozen_stages <= len(STAGES):
+            raise ValueError(f"model.backbone_frozen_stages must be 0..{len(STAGES)}, got {frozen_stages}")
         self.body = ResNet(depth, dilate_last_stage=dilation)
-        # The stem and layer1 keep their ImageNet weights: low-level filters generalise
-        # and freezing them saves memory (the official recipe).
+        # The official recipe keeps the stem and layer1 at their ImageNet weights: low-level
+        # filters generalise and freezing them saves memory. From scratch, train them all.
+        frozen = tuple(prefix for stage in STAGES[:frozen_stages] for prefix in stage)
         for name, parameter in self.body.named_parameters():
-            if not name.startswith(("layer2", "layer3", "layer4")):
+            if name.startswith(frozen):
                 parameter.requires_grad_(False)
+        if norm == "bn":  # trainable BatchNorm in the trained stages; frozen ones stay frozen
+            for prefix in (p for stage in STAGES[frozen_stages:] for p in stage):
+                name = prefix.rstrip(".")
+                child = getattr(self.body, name)
+                if isinstance(child, FrozenBatchNorm2d):
+                    setattr(self.body, name, trainable_batch_norm(child))
+                else:
+                    unfreeze_batch_norm(child)
         self.num_outputs = num_outputs
         strides = [8, 16, 16 if dilation else 32]
         self.strides = strides[3 - num_outputs:]

@@ -65,7 +65,8 @@ def build_model(cfg: Config | ModelConfig | None = None, variant: str | None = N
     m = apply_variant(model_cfg, variant)
     check_model_config(m)
 
-    backbone = Joiner(Backbone(m.backbone_depth, num_outputs=min(m.num_feature_levels, 3), dilation=m.dilation),
+    backbone = Joiner(Backbone(m.backbone_depth, num_outputs=min(m.num_feature_levels, 3), dilation=m.dilation,
+                               norm=m.backbone_norm, frozen_stages=m.backbone_frozen_stages),
                       PositionEmbeddingSine(m.hidden_dim // 2, scale=m.position_embedding_scale))
     transformer = DeformableTransformer(
         d_model=m.hidden_dim, nhead=m.nheads, num_encoder_layers=m.enc_layers, num_decoder_layers=m.dec_layers,

@@ -37,6 +37,26 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
+def trainable_batch_norm(frozen: FrozenBatchNorm2d) -> nn.BatchNorm2d:
+    """A trainable nn.BatchNorm2d with the statistics and affine parameters of `frozen`
+    (the same state-dict names, plus num_batches_tracked)."""
+    bn = nn.BatchNorm2d(frozen.weight.numel(), eps=frozen.eps)
+    with torch.no_grad():
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn, key).copy_(getattr(frozen, key))
+    return bn
+
+
+def unfreeze_batch_norm(module: nn.Module) -> None:
+    """Replace every FrozenBatchNorm2d inside `module` by a trainable BatchNorm2d: training
+    from scratch needs normalisation that learns; fine-tuning ImageNet weights does not."""
+    for name, child in module.named_children():
+        if isinstance(child, FrozenBatchNorm2d):
+            setattr(module, name, trainable_batch_norm(child))
+        else:
+            unfreeze_batch_norm(child)
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 

@@ -17,8 +17,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_two_workers_zero2_train_and_write_the_run_directory(tiny_data, tmp_path):
-    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "e2e")
-    done = run_train(config, "train.zero_stage=2", "train.max_steps=16", "train.checkpoint_every_steps=5")
+    # relative paths, as a user in a project directory writes them: relative to where `ddetr train` runs
+    (tmp_path / "data").symlink_to(tiny_data)
+    config = write_tiny_config(tmp_path / "tiny.yaml", "data", "runs", "e2e")
+    done = run_train(config, "train.zero_stage=2", "train.max_steps=16", "train.checkpoint_every_steps=5", cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
     train = records(run_dir, "train")
