@@ -77,6 +77,7 @@ class DataConfig:
     val_shards: str = ""
     train_manifest: str = ""  # '' = manifest.json beside the train shards (set it for pipe: URLs)
     val_manifest: str = ""  # '' = manifest.json beside the val shards
+    val_annotations: str = ""  # COCO annotation file for evaluation; '' = the val shards' own records
     allow_pipe_urls: bool = False  # `pipe:` URLs run shell commands: off unless enabled
     batch_size: int = 2  # per rank
     num_workers: int = 2  # loader worker processes per rank

@@ -37,6 +37,16 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank `dst` only (None elsewhere): one copy of
+    everything on one rank, not on all."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is True on any rank: a decision all ranks take
     together (skip a step, stop), so that none waits in a collective the others skipped."""

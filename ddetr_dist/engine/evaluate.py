@@ -1,0 +1,208 @@
+"""Distributed COCO evaluation.
+
+Every rank runs the exact-once eval loader over its share of the val shards, post-processes
+to original-image pixels and keeps its detections; after the loop (ranks may hold one
+batch more than another) they are gathered on rank 0 only, written as `detections.json`
+(COCO results format) and scored with pycocotools' COCOeval (bbox). The ground truth is
+read from the val shards' own JSON records (crowd regions included) or from a COCO
+annotation file (`data.val_annotations`); both give the same numbers.
+
+Memory: each rank holds its own detections once; rank 0 holds the gathered list until it
+is written, then pycocotools' copy (read back from the file).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddetr_dist.atomic import atomic_write_bytes
+from ddetr_dist.config import Config
+from ddetr_dist.dist import comm
+
+log = logging.getLogger("ddetr_dist.eval")
+# COCOeval.stats, in order
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+REPORTED = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict  # AP names -> value, 'val_loss', 'images', 'detections'
+    per_category: dict = field(default_factory=dict)  # category name -> AP
+    out_dir: Path | None = None
+
+    def table(self) -> str:
+        lines = ["  ".join(f"{k:>6}" for k in REPORTED), "  ".join(f"{self.metrics[k]:6.3f}" for k in REPORTED)]
+        if self.per_category:
+            width = max(map(len, self.per_category))
+            lines += ["", f"{'category':<{width}}  AP"]
+            lines += [f"{name:<{width}}  {ap:.3f}" if ap == ap else f"{name:<{width}}  (no ground truth)"
+                      for name, ap in self.per_category.items()]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ ground truth
+
+
+def ground_truth_from_shards(spec: str, allow_pipe: bool = False, manifest: str = "") -> dict:
+    """A COCO dataset dict {images, annotations, categories} from the val shards' records."""
+    from ddetr_dist.data import SkipCounter, load_shard_set
+    from ddetr_dist.data.partition import Piece
+    from ddetr_dist.data.streaming import read_piece
+
+    shards = load_shard_set(spec, allow_pipe, manifest)
+    images, annotations, skips = [], [], SkipCounter()
+    for index, (url, count) in enumerate(zip(shards.urls, shards.counts)):
+        for sample in read_piece(url, Piece(index, 0, count), skips):
+            if "json" not in sample:
+                continue  # counted by the loader as a missing part: it yields no detections either
+            record = json.loads(sample["json"])
+            images.append({"id": int(record["image_id"]), "width": record["width"], "height": record["height"],
+                           "file_name": record.get("file_name", sample["__key__"])})
+            for ann in record["annotations"]:
+                annotations.append({"id": ann.get("id", len(annotations) + 1), "image_id": int(record["image_id"]),
+                                    "category_id": ann["category_id"], "bbox": ann["bbox"], "area": ann["area"],
+                                    "iscrowd": ann.get("iscrowd", 0)})
+    if skips:
+        log.warning("ground truth from %s: %s", spec, skips.summary())
+    return {"images": images, "annotations": annotations, "categories": shards.categories}
+
+
+def ground_truth(cfg: Config) -> dict:
+    if cfg.data.val_annotations:
+        path = Path(cfg.data.val_annotations)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.val_annotations: {path} not found; give a COCO annotation file, "
+                                    "or leave it empty to read the ground truth from the val shards")
+        return json.loads(path.read_text())
+    return ground_truth_from_shards(cfg.data.val_shards, cfg.data.allow_pipe_urls, cfg.data.val_manifest)
+
+
+def coco_api(dataset: dict):
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco.createIndex()
+    return coco
+
+
+# ------------------------------------------------------------------ detections
+
+
+def to_coco_results(results: list[dict], image_ids: list[int]) -> list[dict]:
+    """PostProcess output (xyxy pixels) -> COCO results (xywh), one dict per detection."""
+    out = []
+    for image_id, result in zip(image_ids, results):
+        boxes = result["boxes"].float().cpu()
+        boxes[:, 2:] -= boxes[:, :2]
+        for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), boxes.tolist()):
+            out.append({"image_id": image_id, "category_id": int(label), "bbox": [round(v, 2) for v in box],
+                        "score": round(score, 5)})
+    return out
+
+
+def _drop_crowd(target: dict) -> dict:
+    keep = target["iscrowd"] == 0 if "iscrowd" in target else slice(None)
+    return {**target, "boxes": target["boxes"][keep], "labels": target["labels"][keep]}
+
+
+@torch.no_grad()
+def run_detection(model, criterion, postprocess, loader, device, progress: bool) -> tuple[list[dict], float, int]:
+    """This rank's detections (COCO results), summed weighted val loss, and images seen."""
+    from tqdm import tqdm
+
+    model.eval()
+    detections: list[dict] = []
+    loss_sum, images_seen = 0.0, 0
+    for images, padding_mask, targets in tqdm(loader, desc="eval", disable=not progress, mininterval=2,
+                                              unit="batch", leave=False):
+        images, padding_mask = images.to(device), padding_mask.to(device)
+        outputs = model(images, padding_mask)
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        detections += to_coco_results(postprocess(outputs, sizes), [int(t["image_id"]) for t in targets])
+        if criterion is not None:
+            # crowd regions are ignore regions for AP, never targets of the loss
+            loss_targets = [{k: v.to(device) for k, v in _drop_crowd(t).items()} for t in targets]
+            losses = criterion(_float(outputs), loss_targets)
+            loss_sum += float(sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)) * len(targets)
+        images_seen += len(targets)
+    return detections, loss_sum, images_seen
+
+
+def _float(outputs):
+    if torch.is_tensor(outputs):
+        return outputs.float()
+    if isinstance(outputs, dict):
+        return {k: _float(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_float(v) for v in outputs)
+    return outputs
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def score(gt: dict, detections_file: Path) -> tuple[dict, dict]:
+    """COCOeval (bbox) of the detections in `detections_file` -> (metrics, per-category AP)."""
+    from pycocotools.cocoeval import COCOeval
+
+    coco_gt = coco_api(gt)
+    detections = json.loads(detections_file.read_text())
+    if not detections:  # pycocotools cannot load an empty result list
+        return {name: 0.0 for name in STAT_NAMES}, {c["name"]: 0.0 for c in gt["categories"]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(detections)
+        del detections
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics = {name: max(0.0, float(v)) for name, v in zip(STAT_NAMES, evaluator.stats)}
+    # precision [T IoUs, R recalls, K categories, A areas, M max dets]: area all, 100 dets
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    per_category = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k]
+        name = coco_gt.cats[cat_id]["name"]
+        per_category[name] = float(np.mean(p[p > -1])) if (p > -1).any() else float("nan")
+    return metrics, per_category
+
+
+def evaluate(model, criterion, postprocess, cfg: Config, device, out_dir: Path, gt: dict | None = None,
+             progress: bool = True) -> EvalResult:
+    """Collective: every rank calls it. -> the same EvalResult on every rank; rank 0 writes
+    `out_dir/detections.json` and `out_dir/metrics.json`."""
+    from ddetr_dist.data import build_eval_loader
+
+    start = time.perf_counter()
+    loader = build_eval_loader(cfg.data, pin_memory=device.type == "cuda")
+    detections, loss_sum, images = run_detection(model, criterion, postprocess, loader, device,
+                                                 progress and comm.get_rank() == 0)
+    totals = comm.all_reduce_sum(torch.tensor([loss_sum, float(images)], dtype=torch.float64))
+    gathered = comm.gather_object(detections)
+    del detections
+    result = None
+    if comm.get_rank() == 0:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        detections_file = out_dir / "detections.json"
+        count = sum(len(d) for d in gathered)
+        atomic_write_bytes(detections_file, json.dumps([d for part in gathered for d in part]).encode())
+        del gathered
+        metrics, per_category = score(gt if gt is not None else ground_truth(cfg), detections_file)
+        metrics.update({"val_loss": float(totals[0] / max(totals[1], 1)), "images": int(totals[1]),
+                        "detections": count, "eval_seconds": round(time.perf_counter() - start, 1)})
+        result = EvalResult(metrics, per_category, out_dir)
+        atomic_write_bytes(out_dir / "metrics.json",
+                           json.dumps({"metrics": metrics, "per_category_AP": per_category}, indent=1).encode())
+    return comm.broadcast_object(result)
