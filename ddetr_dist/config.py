@@ -117,6 +117,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0 = at each epoch end only
     log_every_steps: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses/gradients before the run aborts
+    eval_every_epochs: int = 1  # COCO evaluation on data.val_shards; 0 = only at the end
+    pictures: int = 4  # val images drawn with their predictions at each evaluation (0 = none)
+    picture_threshold: float = 0.3  # detections drawn: score at least this
 
 
 @dataclass
@@ -272,7 +275,7 @@ def check_training_config(cfg: Config) -> None:
     need(0 <= t.zero_stage <= 3, "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
     for key in ("grad_accum", "log_every_steps", "max_bad_steps"):
         need(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
-    for key in ("max_steps", "checkpoint_every_steps"):
+    for key in ("max_steps", "checkpoint_every_steps", "eval_every_epochs", "pictures"):
         need(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0 (0 = off), got {getattr(t, key)}")
     need(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")

@@ -71,10 +71,30 @@ def run(args: argparse.Namespace) -> int:
     except TrainingFailed as e:
         print(f"ddetr train: {e}", file=sys.stderr)
         return 1
-    m = result.metrics
-    print(f"done: {result.run_dir}\n  model: {result.model_final}\n  metrics: {result.run_dir / 'metrics.jsonl'}"
-          + (f"\n  last step {m['step']}: loss {m['loss']:.4f}, {m['images_per_s']:.1f} images/s" if m else ""))
+    print(summary(result))
     return 0
+
+
+def summary(result) -> str:
+    """What the run left: the last losses, the last AP table, where to look."""
+    import json
+
+    from ddetr_dist.engine.evaluate import EvalResult
+    from ddetr_dist.engine.tensorboard import TENSORBOARD_DIR
+
+    m, run_dir = result.metrics, result.run_dir
+    lines = [f"done: {run_dir}"]
+    if m:
+        lines.append(f"  last step {m['step']}: loss {m['loss']:.4f}, {m['images_per_s']:.1f} images/s")
+    evals = sorted((run_dir / "eval").glob("*/metrics.json"))
+    if evals:
+        saved = json.loads(evals[-1].read_text())
+        lines += [f"  evaluation at step {int(evals[-1].parent.name)} ({saved['metrics']['images']} val images):",
+                  EvalResult(saved["metrics"], saved["per_category_AP"]).table(),
+                  f"  predictions drawn: {evals[-1].parent / 'predictions.png'}"]
+    lines += [f"  model: {result.model_final}", f"  metrics: {run_dir / 'metrics.jsonl'}",
+              f"  TensorBoard: tensorboard --logdir {run_dir / TENSORBOARD_DIR}"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,9 @@
 
 Six categories of shapes, each with its own shape and colour (jittered): circle, square,
 triangle, star, cross, diamond. Each image has a gradient background with noise, a size
-between 256 and 480 px per side, and 0 to 8 objects from about 8 px to 60% of the shorter
-side, some overlapping (larger ones are drawn first so small ones stay visible). Every
+between 192 and 320 px per side (small: a CPU trains at about this resolution, so no object
+is shrunk below what the detector can see), and 0 to 8 objects from 12 px to 60% of the
+shorter side, some overlapping (larger ones are drawn first so small ones stay visible). Every
 image comes from its own seed (seed, split, index), so the data set depends only on the
 seed, not on the number of processes.
 
@@ -33,8 +34,8 @@ CATEGORIES = [  # (id, name, colour); ids used as labels: num_classes = 7
     (6, "diamond", (40, 200, 210)),
 ]
 SPLITS = {"train": 0, "val": 1}  # split -> its seed stream
-MIN_SIDE, MAX_SIDE = 256, 480
-MIN_OBJECT = 8
+MIN_SIDE, MAX_SIDE = 192, 320
+MIN_OBJECT = 12
 MAX_OBJECTS = 8
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,9 @@ def connect_ray(cfg: Config) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     log.info("starting a local Ray on %s for this run", LOCAL_RAY_ADDRESS)
-    ray.init(_node_ip_address=LOCAL_RAY_ADDRESS, include_dashboard=False, log_to_driver=True)
+    # with its dashboard (on 127.0.0.1): Ray Train's state queries need it
+    ray.init(_node_ip_address=LOCAL_RAY_ADDRESS, include_dashboard=True, dashboard_host=LOCAL_RAY_ADDRESS,
+             log_to_driver=True)
     return True
 
 
@@ -117,8 +120,9 @@ def train(cfg: Config) -> RunResult:
         use_gpu = check_resources(cfg)
         resuming = (run_dir / "metrics.jsonl").exists()
         write_run_files(cfg, run_dir)
-        log.info("%s run %s (%d workers, ZeRO-%d, %s)", "resuming" if resuming else "starting", run_dir,
-                 cfg.ray.num_workers, cfg.train.zero_stage, cfg.train.precision)
+        log.info("%s run %s (%d workers, ZeRO-%d, %s); follow it with: tensorboard --logdir %s",
+                 "resuming" if resuming else "starting", run_dir, cfg.ray.num_workers, cfg.train.zero_stage,
+                 cfg.train.precision, run_dir / "tensorboard")
         _fit(cfg, run_dir, use_gpu)
     finally:
         if started_ray:
@@ -132,9 +136,23 @@ def train(cfg: Config) -> RunResult:
     return RunResult(run_dir, run_dir / FINAL_MODEL, records[-1] if records else {})
 
 
+def scaling_config(cfg: Config, use_gpu: bool):
+    from ray.train import ScalingConfig
+
+    r = cfg.ray
+    return ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
+                         resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
+
+
+def torch_config(use_gpu: bool):
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if use_gpu else "gloo")
+
+
 def _fit(cfg: Config, run_dir: Path, use_gpu: bool) -> None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
 
     from ddetr_dist.dist.worker import train_loop_per_worker
 
@@ -142,10 +160,9 @@ def _fit(cfg: Config, run_dir: Path, use_gpu: bool) -> None:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "run_id": uuid.uuid4().hex[:8],
-                           "cwd": os.getcwd()},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+                           "cwd": os.getcwd(), "progress_bars": sys.stderr.isatty()},
+        torch_config=torch_config(use_gpu),
+        scaling_config=scaling_config(cfg, use_gpu),
         run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints)),

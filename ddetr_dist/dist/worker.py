@@ -55,6 +55,23 @@ class RayCheckpointer:
         ray.train.report(metrics)
 
 
+def enter_driver_directory(cwd: str) -> None:
+    """Relative paths in the config mean what they meant where the command ran: work in that
+    directory when this node has it (one machine, or a file system shared at the same
+    path); otherwise stay where Ray put us (e.g. a `ray job submit` working_dir)."""
+    if Path(cwd).is_dir():
+        os.chdir(cwd)
+
+
+def ray_progress_bar(total: int, initial: int, desc: str):
+    """A bar that survives Ray's log streaming (drawn by the driver in its terminal)."""
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+    bar = ray_tqdm(total=total, desc=desc, unit="batch")
+    bar.update(initial)
+    return bar
+
+
 def worker_info() -> dict:
     import ray
 
@@ -71,17 +88,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg: Config = config_from_dict(loop_config["config"])
-    # Relative paths in the config mean what they meant where `ddetr train` ran: work in
-    # that directory when this node has it (one machine, or a file system shared at the
-    # same path); otherwise stay where Ray put us (e.g. a `ray job submit` working_dir).
-    if Path(loop_config["cwd"]).is_dir():
-        os.chdir(loop_config["cwd"])
+    enter_driver_directory(loop_config["cwd"])
     torch.set_num_threads(cfg.ray.cpus_per_worker)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     run_id = comm.broadcast_object(loop_config["run_id"])
-    trainer = Trainer(cfg, Path(loop_config["run_dir"]), RayCheckpointer(run_id), device=device)
+    trainer = Trainer(cfg, Path(loop_config["run_dir"]), RayCheckpointer(run_id), device=device,
+                      progress_bar=ray_progress_bar if loop_config["progress_bars"] else None)
     workers = comm.all_gather_object(worker_info())
     trainer.metrics.emit({"event": "workers", "step": trainer.progress.step, "epoch": trainer.progress.epoch,
                           "workers": workers})

@@ -112,15 +112,17 @@ def measured_from(name: str, record: dict, steps: int) -> Measured:
 
 
 def timed_run(cfg: Config, name: str, steps: int, **ray) -> Config:
-    """`steps` of warm-up then `steps` timed, logged once each; no checkpoint in between."""
+    """`steps` of warm-up then `steps` timed, logged once each; no checkpoint in between, no
+    evaluation."""
     return dataclasses.replace(
-        cfg, name=name, ray=dataclasses.replace(cfg.ray, **ray),
+        cfg, name=name, ray=dataclasses.replace(cfg.ray, **ray), data=dataclasses.replace(cfg.data, val_shards=""),
         train=dataclasses.replace(cfg.train, max_steps=2 * steps, log_every_steps=steps, checkpoint_every_steps=0))
 
 
 def engine_loop(cfg: Config, stage: int, steps: int, workdir: Path) -> Measured:
     """(b): the DeepSpeed engine loop of `ddetr train`, without Ray, in this process."""
-    from ddetr_dist.engine.loop import FolderCheckpointer, Trainer
+    from ddetr_dist.engine.checkpointers import FolderCheckpointer
+    from ddetr_dist.engine.loop import Trainer
 
     cfg = timed_run(cfg, f"zero{stage}", steps)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, zero_stage=stage))

@@ -117,11 +117,17 @@ def _drop_crowd(target: dict) -> dict:
 
 
 @torch.no_grad()
-def run_detection(model, criterion, postprocess, loader, device, progress: bool) -> tuple[list[dict], float, int]:
-    """This rank's detections (COCO results), summed weighted val loss, and images seen."""
+def run_detection(model, criterion, postprocess, loader, device, progress: bool,
+                  lockstep: bool = False) -> tuple[list[dict], float, int]:
+    """This rank's detections (COCO results), summed weighted val loss, and images seen.
+    `lockstep`: every forward is collective (ZeRO-3 gathers parameters), so a rank with
+    fewer batches runs empty forwards until every rank has run as many."""
     from tqdm import tqdm
 
     model.eval()
+    if lockstep:
+        most = comm.all_reduce_max(torch.tensor([float(len(loader))]))
+        batches_left = int(most.item())
     detections: list[dict] = []
     loss_sum, images_seen = 0.0, 0
     for images, padding_mask, targets in tqdm(loader, desc="eval", disable=not progress, mininterval=2,
@@ -133,19 +139,27 @@ def run_detection(model, criterion, postprocess, loader, device, progress: bool)
         if criterion is not None:
             # crowd regions are ignore regions for AP, never targets of the loss
             loss_targets = [{k: v.to(device) for k, v in _drop_crowd(t).items()} for t in targets]
-            losses = criterion(_float(outputs), loss_targets)
+            losses = criterion(outputs_to_float(outputs), loss_targets, sync=False)
             loss_sum += float(sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)) * len(targets)
         images_seen += len(targets)
+        if lockstep:
+            batches_left -= 1
+    if lockstep and batches_left > 0:
+        dummy = torch.zeros(1, 3, 64, 64, device=device)
+        for _ in range(batches_left):
+            model(dummy, torch.zeros(1, 64, 64, dtype=torch.bool, device=device))
     return detections, loss_sum, images_seen
 
 
-def _float(outputs):
+def outputs_to_float(outputs):
+    """The model's output tree in fp32: the matcher's costs and the focal loss are not safe
+    in bf16/fp16."""
     if torch.is_tensor(outputs):
         return outputs.float()
     if isinstance(outputs, dict):
-        return {k: _float(v) for k, v in outputs.items()}
+        return {k: outputs_to_float(v) for k, v in outputs.items()}
     if isinstance(outputs, (list, tuple)):
-        return type(outputs)(_float(v) for v in outputs)
+        return type(outputs)(outputs_to_float(v) for v in outputs)
     return outputs
 
 
@@ -179,7 +193,7 @@ def score(gt: dict, detections_file: Path) -> tuple[dict, dict]:
 
 
 def evaluate(model, criterion, postprocess, cfg: Config, device, out_dir: Path, gt: dict | None = None,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, lockstep: bool = False) -> EvalResult:
     """Collective: every rank calls it. -> the same EvalResult on every rank; rank 0 writes
     `out_dir/detections.json` and `out_dir/metrics.json`."""
     from ddetr_dist.data import build_eval_loader
@@ -187,7 +201,7 @@ def evaluate(model, criterion, postprocess, cfg: Config, device, out_dir: Path, 
     start = time.perf_counter()
     loader = build_eval_loader(cfg.data, pin_memory=device.type == "cuda")
     detections, loss_sum, images = run_detection(model, criterion, postprocess, loader, device,
-                                                 progress and comm.get_rank() == 0)
+                                                 progress and comm.get_rank() == 0, lockstep)
     totals = comm.all_reduce_sum(torch.tensor([loss_sum, float(images)], dtype=torch.float64))
     gathered = comm.gather_object(detections)
     del detections

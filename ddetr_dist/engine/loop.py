@@ -14,28 +14,37 @@ row abort the run with advice.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Optional, Protocol
+from typing import Callable
 
 import torch
 
+from ddetr_dist.atomic import atomic_open, atomic_write_bytes
 from ddetr_dist.config import Config
 from ddetr_dist.data import build_train_loader
 from ddetr_dist.dist import comm
 from ddetr_dist.engine import train_state
-from ddetr_dist.engine.metrics import MetricsLog
+from ddetr_dist.engine.checkpointers import Checkpointer
+from ddetr_dist.engine.eval_hook import EvalHook
+from ddetr_dist.engine.evaluate import outputs_to_float
+from ddetr_dist.engine.metrics import MetricsLog, memory_usage
 from ddetr_dist.engine.optim import build_optimizer, set_learning_rates
+from ddetr_dist.engine.tensorboard import TensorBoardSink, flat_hparams
 from ddetr_dist.engine.train_state import Progress
 from ddetr_dist.models import build_model
+from ddetr_dist.models.build import variant_of
+from ddetr_dist.models.convert import METADATA_KEY
 
 log = logging.getLogger("ddetr_dist.train")
 FINAL_MODEL = "model_final.pth"
+FINAL_METRICS = "final_metrics.json"
 # Fault injection for tests: "STEP[,STEP...][@RANK]" makes the loss non-finite at those
 # optimizer steps (0-based) on RANK (default: every rank).
 INJECT_NONFINITE_ENV = "DDETR_INJECT_NONFINITE_LOSS"
@@ -45,19 +54,8 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-class Checkpointer(Protocol):
-    def latest(self) -> ContextManager[Optional[Path]]:
-        """The checkpoint to resume from (a directory), or None."""
-
-    def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
-        """Collective: each rank calls `write(folder)` to put its files in a folder, which
-        becomes one checkpoint with `metrics` attached."""
-
-    def report(self, metrics: dict) -> None:
-        """Collective: metrics without a checkpoint (e.g. an evaluation)."""
-
-
-EpochHook = Callable[["Trainer", int], dict]  # (trainer, finished epoch) -> metrics to report
+# tqdm-like: called with total=, initial=, desc=; has update(n), set_description(text), close()
+ProgressBar = Callable[..., object]
 
 
 @dataclass
@@ -78,6 +76,13 @@ class StepTimes:
     def total(self) -> float:
         return self.data + self.forward + self.backward + self.optimizer
 
+    def add(self, other: "StepTimes") -> None:
+        for name in ("data", "forward", "backward", "optimizer", "allreduce", "images", "micro_steps",
+                     "optimizer_steps"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for key, value in other.losses.items():
+            self.losses[key] = self.losses.get(key, 0.0) + value
+
 
 def _injected_nonfinite_steps() -> set[int]:
     spec = os.environ.get(INJECT_NONFINITE_ENV, "")
@@ -89,15 +94,19 @@ def _injected_nonfinite_steps() -> set[int]:
     return {int(s) for s in steps.split(",") if s}
 
 
-def _grads_finite(module: torch.nn.Module) -> bool:
-    return all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+def _grad_norm(module: torch.nn.Module) -> float:
+    """The global L2 norm of the (already all-reduced) gradients: NaN/inf if any is."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 class Trainer:
     """One worker's training: `Trainer(cfg, run_dir, checkpointer).fit()`."""
 
     def __init__(self, cfg: Config, run_dir: Path, checkpointer: Checkpointer, device: torch.device | None = None,
-                 epoch_hooks: list[EpochHook] = ()):
+                 progress_bar: ProgressBar | None = None):
         if not torch.cuda.is_available():  # say so, rather than have DeepSpeed warn that it guessed
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed  # the engine's dependency, not the model's
@@ -106,14 +115,15 @@ class Trainer:
 
         self.cfg, self.run_dir, self.checkpointer = cfg, Path(run_dir), checkpointer
         self.device = device or torch.device("cpu")
-        self.epoch_hooks = list(epoch_hooks)
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
         self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0)
+        self.progress_bar = progress_bar  # None: log lines only
         self.progress = Progress(world_size=self.world_size, zero_stage=cfg.train.zero_stage)
         self.nonfinite_at = _injected_nonfinite_steps()
         self._step_bad = False  # a micro-step of the current optimizer step had a non-finite loss
         self._last_saved_step: int | None = None
         self.lrs: dict[str, float] = {}
+        self.grad_norm: float | None = None  # of the last step (DeepSpeed's, before clipping)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model, self.criterion, self.postprocess = build_model(cfg)
@@ -139,6 +149,11 @@ class Trainer:
             if resume_dir is not None:
                 self._resume(resume_dir, saved, exact, portable)
         self._time_allreduce()
+        # after a resume, TensorBoard drops what was logged after the checkpoint (it is redone)
+        self.tensorboard = TensorBoardSink(self.run_dir, purge_step=self.progress.step + 1) if self.rank == 0 else None
+        if self.tensorboard is not None:
+            self.metrics.sinks.append(self.tensorboard)
+        self.eval_hook = EvalHook(self)
 
     def _time_allreduce(self) -> None:
         """Wrap DeepSpeed's boundary gradient reduction to time it (one clock read each)."""
@@ -188,9 +203,22 @@ class Trainer:
             self._train_epoch()
             if p.batches_in_epoch >= self.batches_per_step_epoch:
                 self._end_epoch()
+        final = {}
+        if self.eval_hook.enabled and not self.eval_hook.done_at(self, p.step):
+            final = self.eval_hook(self)
         if not self._saved_at(p.step):
-            self.save_checkpoint({})
+            self.save_checkpoint(final)
+        elif final:
+            self.checkpointer.report({"step": p.step, "epoch": p.epoch, **final})
         self.save_final_model()
+        if self.rank == 0:
+            summary = {"step": p.step, "epoch": p.epoch, "skipped_steps": p.skipped_steps,
+                       "samples_seen": p.samples_seen, "eval": final}
+            atomic_write_bytes(self.run_dir / FINAL_METRICS, json.dumps(summary, indent=1).encode())
+        if self.tensorboard is not None:
+            self.tensorboard.add_hparams(flat_hparams(self.cfg), final or {"step": p.step})
+            self.tensorboard.close()
+            log.info("TensorBoard: tensorboard --logdir %s", self.tensorboard.log_dir)
         return p
 
     @property
@@ -200,6 +228,22 @@ class Trainer:
 
     def _train_epoch(self) -> None:
         """Until the epoch's batches are used or the run's steps are done."""
+        p = self.progress
+        bar = self.progress_bar(total=self.batches_per_step_epoch, initial=p.batches_in_epoch,
+                                desc=f"epoch {p.epoch}") if self.rank == 0 and self.progress_bar else None
+        epoch = StepTimes()
+        try:
+            self._run_batches(bar, epoch)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.rank == 0 and epoch.micro_steps:
+            log.info("epoch %d: %d steps, loss %.4f, %.1f images/s, %.0f s, data wait %.0f%%, skipped steps %d",
+                     p.epoch, epoch.optimizer_steps, epoch.losses["loss"] / epoch.micro_steps,
+                     epoch.images * self.world_size / max(epoch.total, 1e-9), epoch.total,
+                     100 * epoch.data / max(epoch.total, 1e-9), p.skipped_steps)
+
+    def _run_batches(self, bar, epoch: StepTimes) -> None:
         p, t = self.progress, self.cfg.train
         times = StepTimes()
         tick = time.perf_counter()
@@ -208,16 +252,20 @@ class Trainer:
             self._forward_backward(images, padding_mask, targets, times)
             p.batches_in_epoch += 1
             times.images += len(targets)
+            if bar is not None:
+                bar.update(1)
             if p.batches_in_epoch % t.grad_accum == 0:
                 self._optimizer_step(times)
                 if p.step % t.log_every_steps == 0 or p.step == self.total_steps:
-                    self._log(times)
+                    self._log(times, bar)
+                    epoch.add(times)
                     times = StepTimes()
                 if p.step >= self.total_steps or p.batches_in_epoch >= self.batches_per_step_epoch:
-                    return
+                    break
                 if t.checkpoint_every_steps and p.step % t.checkpoint_every_steps == 0:
                     self.save_checkpoint({})
             tick = time.perf_counter()
+        epoch.add(times)
 
     def _forward_backward(self, images, padding_mask, targets, times: StepTimes) -> None:
         p = self.progress
@@ -226,7 +274,7 @@ class Trainer:
         t0 = time.perf_counter()
         outputs = self.engine(images, padding_mask)  # DeepSpeed applies train.precision's autocast
         # losses in fp32: the matcher's costs and the focal loss are not safe in bf16/fp16
-        outputs = _to_float(outputs)
+        outputs = outputs_to_float(outputs)
         losses = self.criterion(outputs, targets)
         weights = self.criterion.weight_dict
         loss = sum(losses[k] * weights[k] for k in losses if k in weights)
@@ -255,15 +303,18 @@ class Trainer:
         self.lrs = set_learning_rates(self.optimizer, self.cfg.optim, p.step, p.epoch)
         bad = self._step_bad
         if t.zero_stage == 0 and not bad:
-            # DeepSpeed without ZeRO would apply a NaN gradient: look before it steps
-            bad = comm.any_rank(not _grads_finite(self.engine.module))
+            # DeepSpeed without ZeRO would apply a NaN gradient (and reports no norm): look first
+            self.grad_norm = _grad_norm(self.engine.module)
+            bad = comm.any_rank(not math.isfinite(self.grad_norm))
         if bad:
             self.engine.zero_grad()
         else:
             self.engine.step()
-            # under ZeRO, DeepSpeed itself skips a step whose global gradient norm is not finite
-            norm = self.engine.get_global_grad_norm()
-            bad = norm is not None and not math.isfinite(float(norm))
+            if t.zero_stage > 0:
+                # under ZeRO, DeepSpeed itself skips a step whose global gradient norm is not finite
+                norm = self.engine.get_global_grad_norm()
+                self.grad_norm = None if norm is None else float(norm)
+                bad = self.grad_norm is not None and not math.isfinite(self.grad_norm)
         self._step_bad = False
         times.optimizer += time.perf_counter() - t0
         times.optimizer_steps += 1
@@ -285,7 +336,7 @@ class Trainer:
         else:
             p.bad_steps_in_a_row = 0
 
-    def _log(self, times: StepTimes) -> None:
+    def _log(self, times: StepTimes, bar=None) -> None:
         p = self.progress
         if not times.micro_steps:  # every step since the last line was skipped (and logged as such)
             return
@@ -299,16 +350,23 @@ class Trainer:
                   "data_wait": times.data / max(times.total, 1e-9),
                   "time_forward": times.forward, "time_backward": times.backward, "time_optimizer": times.optimizer,
                   "time_allreduce": times.allreduce,
-                  "skipped_steps": p.skipped_steps, "skipped_samples": self.loader.skips.total}
+                  "skipped_steps": p.skipped_steps, "skipped_samples": self.loader.skips.total,
+                  **memory_usage(self.device)}
+        if self.grad_norm is not None:
+            record["grad_norm"] = self.grad_norm
+        weights = self.criterion.weight_dict
+        record.update({f"{k}_weighted": record[k] * weights[k] for k in list(record) if k in weights})
         self.metrics.emit(record)
+        if bar is not None:
+            bar.set_description(f"epoch {p.epoch} loss {record['loss']:.3f} {record['images_per_s']:.1f} img/s")
 
     def _end_epoch(self) -> None:
         p = self.progress
         finished = p.epoch
         p.epoch, p.batches_in_epoch = p.epoch + 1, 0
         metrics = {"epoch_finished": finished}
-        for hook in self.epoch_hooks:
-            metrics.update(hook(self, finished) or {})
+        if self.eval_hook.due(self, finished):
+            metrics.update(self.eval_hook(self))
         self.save_checkpoint(metrics)
 
     # ------------------------------------------------------------------ saving
@@ -326,16 +384,11 @@ class Trainer:
     def save_final_model(self) -> Path:
         """`model_final.pth`: the consolidated fp32 model as {'model': state_dict} with the
         official names (plus our config, which the official code ignores)."""
-        from ddetr_dist.atomic import atomic_open
-        from ddetr_dist.models.build import variant_of
-
         portable = train_state.portable_state(self.engine, self.optimizer, self.cfg.train.zero_stage)
         path = self.run_dir / FINAL_MODEL
         if self.rank == 0:
-            import dataclasses
-
             out = {"model": portable["model"],
-                   "ddetr_dist": {"variant": variant_of(self.cfg.model), "config": dataclasses.asdict(self.cfg.model),
+                   METADATA_KEY: {"variant": variant_of(self.cfg.model), "config": dataclasses.asdict(self.cfg.model),
                                   "step": self.progress.step}}
             with atomic_open(path) as f:
                 torch.save(out, f)
@@ -344,48 +397,3 @@ class Trainer:
                                "skipped_samples": self.loader.skips.total})
         comm.barrier()
         return path
-
-
-def _to_float(outputs):
-    if torch.is_tensor(outputs):
-        return outputs.float()
-    if isinstance(outputs, dict):
-        return {k: _to_float(v) for k, v in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(_to_float(v) for v in outputs)
-    return outputs
-
-
-def local_checkpointer(directory: Path, keep: int = 2) -> "FolderCheckpointer":
-    return FolderCheckpointer(Path(directory), keep)
-
-
-class FolderCheckpointer:
-    """Checkpoints in `<directory>/step_<n>/` without Ray (one process, or ranks sharing a
-    file system); the newest complete one resumes."""
-
-    def __init__(self, directory: Path, keep: int = 2):
-        self.directory, self.keep = directory, keep
-
-    def _complete(self) -> list[Path]:
-        found = sorted(self.directory.glob("step_*"), key=lambda d: int(d.name.split("_")[1]))
-        return [d for d in found if (d / train_state.META).exists()]
-
-    @contextlib.contextmanager
-    def latest(self) -> Iterator[Optional[Path]]:
-        done = self._complete()
-        yield done[-1] if done else None
-
-    def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
-        folder = self.directory / f"step_{step:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        write(folder)
-        comm.barrier()
-        if comm.get_rank() == 0:
-            import shutil
-
-            for old in self._complete()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def report(self, metrics: dict) -> None:
-        pass

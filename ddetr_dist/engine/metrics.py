@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ddetr_dist.atomic import atomic_write_bytes
 
 log = logging.getLogger("ddetr_dist.train")
@@ -64,3 +66,12 @@ class MetricsLog:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def memory_usage(device: torch.device) -> dict:
+    import psutil  # comes with ray[default]
+
+    out = {"rss_gb": psutil.Process().memory_info().rss / 2 ** 30}
+    if device.type == "cuda":
+        out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out

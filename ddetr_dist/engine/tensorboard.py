@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddetr_dist.config import Config, to_dict
+
 TENSORBOARD_DIR = "tensorboard"
 NOT_SCALARS = {"step", "epoch", "time", "event"}
 
@@ -22,11 +24,11 @@ def scalar_tag(event: str, key: str) -> str:
 
 
 class TensorBoardSink:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(run_dir) / TENSORBOARD_DIR
-        self.writer = SummaryWriter(str(self.log_dir))
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
 
     def __call__(self, record: dict) -> None:
         event, step = record.get("event"), record.get("step", 0)
@@ -49,3 +51,14 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def flat_hparams(cfg: Config) -> dict:
+    """The config, flattened (`section.key`), as TensorBoard hparams."""
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            flat[section] = values
+    return flat

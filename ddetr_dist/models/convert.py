@@ -48,19 +48,27 @@ def validate(sd: dict, cfg: ModelConfig, src: str) -> None:
     require_match(src, model.state_dict(), sd)
 
 
+def model_config_of(ckpt: dict, sd: dict, base: ModelConfig | None = None) -> ModelConfig:
+    """The model a checkpoint holds: our metadata when present, else inferred from the
+    shapes (the rest from `base`)."""
+    meta = ckpt.get(METADATA_KEY)
+    if meta:
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        cfg = dataclasses.replace(base or ModelConfig(), **{k: (tuple(v) if isinstance(v, list) else v)
+                                                             for k, v in meta["config"].items() if k in known})
+    else:
+        cfg = infer_model_config(sd, base)
+    # the weights are in the file: rebuilding the model must not need the ImageNet backbone
+    return dataclasses.replace(cfg, backbone_weights="")
+
+
 def convert(src: str | Path, dst: str | Path, to: str | None = None, base: ModelConfig | None = None) -> str:
     """-> the format written ('ours' or 'official')."""
     ckpt = read_checkpoint(src)
     sd = model_state_dict(ckpt, src)
     meta = ckpt.get(METADATA_KEY)
     to = to or ("official" if meta else "ours")
-    if meta:
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        cfg = dataclasses.replace(base or ModelConfig(), **{k: v for k, v in meta["config"].items() if k in known})
-    else:
-        cfg = infer_model_config(sd, base)
-    # the weights are in the file: rebuilding the model must not need the ImageNet backbone
-    cfg = dataclasses.replace(cfg, backbone_weights="")
+    cfg = model_config_of(ckpt, sd, base)
     validate(sd, cfg, f"checkpoint {src}")
     if to == "ours":
         out = {"model": sd, METADATA_KEY: {"variant": variant_of(cfg), "config": dataclasses.asdict(cfg)}}

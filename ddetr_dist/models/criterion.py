@@ -114,14 +114,18 @@ class SetCriterion(nn.Module):
         losses.update(self.loss_cardinality(outputs, targets, indices, num_boxes))
         return {k + suffix: v for k, v in losses.items()}
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict, targets: list[dict], sync: bool = True) -> dict[str, torch.Tensor]:
         """outputs: the model's dict; targets: per image {'labels' int64 [K], 'boxes' [K,4]
-        cxcywh in 0..1} -> {loss name: scalar}; weight with self.weight_dict."""
+        cxcywh in 0..1} -> {loss name: scalar}; weight with self.weight_dict. `sync=False`
+        normalises by this rank's boxes only (no collective: evaluation, where ranks run
+        different numbers of batches)."""
         validate_targets(targets, outputs["pred_logits"].shape[0], self.num_classes)
         device = outputs["pred_logits"].device
         # boxes per rank differ; normalise every rank's loss by the global mean
         num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        num_boxes = torch.clamp(comm.all_reduce_sum(num_boxes) / comm.get_world_size(), min=1).item()
+        if sync:
+            num_boxes = comm.all_reduce_sum(num_boxes) / comm.get_world_size()
+        num_boxes = torch.clamp(num_boxes, min=1).item()
 
         losses = self._losses_for(outputs, targets, num_boxes)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):

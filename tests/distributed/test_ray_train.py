@@ -2,8 +2,11 @@
 DeepSpeed; worker failure, driver restart and bad configs."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ import torch
 from ddetr_dist.models import build_model, load_official_checkpoint
 from ddetr_dist.train import main as train_main
 
-from .ray_helpers import records, run_train, start_train, wait_for, write_tiny_config
+from .ray_helpers import environment, records, run_train, start_train, wait_for, write_tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -39,6 +42,19 @@ def test_two_workers_zero2_train_and_write_the_run_directory(tiny_data, tmp_path
     assert (run_dir / "config.yaml").exists() and (run_dir / "deepspeed_config.json").exists()
     model = build_model(build_config(run_dir))[0]
     assert load_official_checkpoint(run_dir / "model_final.pth", model) == []
+    # evaluated at the end, on rank 0's gathered detections; the driver prints the table
+    assert records(run_dir, "eval")[-1]["step"] == 16 and (run_dir / "eval" / "00000016" / "detections.json").exists()
+    assert "AP50" in done.stdout and "tensorboard --logdir" in done.stdout
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "final_metrics.json").read_text())["step"] == 16
+    # `ddetr eval` on the run directory: its config (2 workers -> Ray) and newest checkpoint
+    again = subprocess.run([sys.executable, "-m", "ddetr_dist.eval", "--checkpoint", "runs/e2e"], cwd=tmp_path,
+                           env=environment(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "AP50" in again.stdout and "8 images" in again.stdout
+    manual = list((run_dir / "eval").glob("manual-*/detections.json"))
+    assert len(manual) == 1
+    assert json.loads(manual[0].read_text()) == json.loads((run_dir / "eval" / "00000016" / "detections.json").read_text())
 
 
 def build_config(run_dir):

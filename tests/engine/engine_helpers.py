@@ -2,6 +2,7 @@
 compare ZeRO stages, resumes and resizes bitwise."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -49,7 +50,8 @@ def _worker(rank: int, world: int, port: int, cfg, run_dir: str, result_file: st
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from ddetr_dist.engine.loop import FolderCheckpointer, Trainer
+        from ddetr_dist.engine.checkpointers import FolderCheckpointer
+        from ddetr_dist.engine.loop import Trainer
         from ddetr_dist.engine.train_state import portable_state
 
         trainer = Trainer(cfg, Path(run_dir), FolderCheckpointer(Path(run_dir) / "checkpoints"))
@@ -75,3 +77,26 @@ def run_trainer(cfg, world: int, run_dir: Path, env: dict | None = None) -> dict
     out = torch.load(result, weights_only=False)
     result.unlink()
     return out
+
+
+def _eval_worker(rank: int, world: int, port: int, cfg, out_dir: str):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from ddetr_dist.engine.evaluate import evaluate
+        from ddetr_dist.models import build_model
+
+        torch.manual_seed(0)  # the same (untrained) weights everywhere: detections still differ per image
+        model, criterion, postprocess = build_model(cfg)
+        evaluate(model, criterion, postprocess, cfg, torch.device("cpu"), Path(out_dir), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_evaluation(cfg, world: int, out_dir: Path) -> dict:
+    """`evaluate` in `world` gloo processes; -> rank 0's detections and metrics."""
+    mp.start_processes(_eval_worker, args=(world, free_port(), cfg, str(out_dir)), nprocs=world, join=True,
+                       start_method="spawn")
+    return {"detections": json.loads((out_dir / "detections.json").read_text()),
+            "metrics": json.loads((out_dir / "metrics.json").read_text())["metrics"]}

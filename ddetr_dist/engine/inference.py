@@ -1,0 +1,68 @@
+"""A trained model from whatever a user points at: a released official checkpoint, our
+`model_final.pth`, a run directory (its newest checkpoint), or one checkpoint directory;
+with the config it was trained with when that can be found beside it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ddetr_dist.config import Config, ConfigError, load_config
+from ddetr_dist.engine.train_state import META, PORTABLE
+from ddetr_dist.models import build_model, load_official_checkpoint
+from ddetr_dist.models.checkpoint import model_state_dict, read_checkpoint
+from ddetr_dist.models.convert import model_config_of
+
+RUN_CONFIG = "config.yaml"
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run directory (Ray's or the folder form)."""
+    found = [d for d in list(run_dir.glob("checkpoint_*")) + list(run_dir.glob("checkpoints/step_*"))
+             if (d / META).is_file() and (d / PORTABLE).is_file()]
+    return max(found, key=lambda d: json.loads((d / META).read_text())["step"], default=None)
+
+
+def resolve_weights(path: str | Path) -> tuple[Path, Path | None]:
+    """-> (the weights file, the run directory it belongs to or None)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / PORTABLE).is_file():  # one checkpoint folder
+            return path / PORTABLE, _run_dir_above(path)
+        newest = newest_checkpoint(path)
+        if newest is not None:
+            return newest / PORTABLE, path
+        if (path / "model_final.pth").is_file():
+            return path / "model_final.pth", path
+        raise FileNotFoundError(f"{path}: a directory without checkpoints (no checkpoint_*/ with {META} and "
+                                f"{PORTABLE}, no model_final.pth); point --checkpoint at a run directory or a .pth")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path, _run_dir_above(path)
+
+
+def _run_dir_above(path: Path) -> Path | None:
+    for parent in list(path.parents)[:3]:
+        if (parent / RUN_CONFIG).is_file():
+            return parent
+    return None
+
+
+def load_trained(checkpoint: str | Path, config: str | None, overrides: list[str], default_config: Path):
+    """-> (cfg, model in eval mode, criterion, postprocess, weights file). The config: --config,
+    else the run's own config.yaml, else `default_config`; the model's shape always comes
+    from the checkpoint itself."""
+    weights, run_dir = resolve_weights(checkpoint)
+    if config is None and run_dir is not None:
+        config = run_dir / RUN_CONFIG
+    cfg: Config = load_config(config or default_config, overrides)
+    ckpt = read_checkpoint(weights)
+    model_cfg = model_config_of(ckpt, model_state_dict(ckpt, weights), cfg.model)
+    del ckpt
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    try:
+        model, criterion, postprocess = build_model(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    load_official_checkpoint(weights, model)
+    return cfg, model.eval(), criterion, postprocess, weights

@@ -1,0 +1,124 @@
+"""COCO evaluation of a trained model on the val shards.
+
+  ddetr eval --checkpoint PATH [--config FILE] [--out DIR] [section.key=value ...]
+
+PATH: a released official checkpoint, our model_final.pth, a run directory (its newest
+checkpoint) or one checkpoint folder. The config: --config, else the run's config.yaml,
+else configs/demo.yaml; the model's shape comes from the checkpoint. One process, or Ray
+workers when ray.num_workers > 1 (each evaluates its share; rank 0 scores). Prints the AP
+table; writes detections.json (COCO results) and metrics.json into --out (default: the
+run's eval/<name>/, else ./eval-<checkpoint name>/).
+
+examples:
+  ddetr eval --checkpoint runs/demo-20261125-101500
+  ddetr eval --checkpoint r50_deformable_detr-checkpoint.pth --config configs/base.yaml ray.num_workers=1
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ddetr_dist.config import ConfigError
+from ddetr_dist.models import CheckpointMismatchError
+from ddetr_dist.train import DEMO_CONFIG
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="official .pth, model_final.pth, run or checkpoint dir")
+    parser.add_argument("--config", default=None, help="YAML config (default: the run's, else the demo's)")
+    parser.add_argument("--out", default=None, help="where detections.json and metrics.json go")
+    parser.add_argument("overrides", nargs="*", default=[], help="section.key=value config overrides")
+
+
+def default_out_dir(checkpoint: str, run_dir: Path | None) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if run_dir is not None:
+        return run_dir / "eval" / f"manual-{stamp}"
+    return Path(f"eval-{Path(checkpoint).stem}-{stamp}")
+
+
+def evaluate_here(checkpoint: str, config: str | None, overrides: list[str], out_dir: Path):
+    """Collective under a process group (Ray workers); one process otherwise."""
+    from ddetr_dist.engine.evaluate import evaluate
+    from ddetr_dist.engine.inference import load_trained
+
+    cfg, model, criterion, postprocess, weights = load_trained(checkpoint, config, overrides, DEMO_CONFIG)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device)
+    return weights, evaluate(model, criterion, postprocess, cfg, device, out_dir)
+
+
+def eval_loop_per_worker(loop_config: dict) -> None:
+    from ddetr_dist.dist.worker import enter_driver_directory
+
+    enter_driver_directory(loop_config["cwd"])
+    torch.set_num_threads(loop_config["threads"])
+    evaluate_here(loop_config["checkpoint"], loop_config["config"], loop_config["overrides"], Path(loop_config["out"]))
+
+
+def evaluate_on_ray(args, cfg, out_dir: Path) -> None:
+    import os
+    import tempfile
+
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from ddetr_dist.dist.trainer import check_resources, connect_ray, scaling_config, torch_config
+
+    started = connect_ray(cfg)
+    try:
+        use_gpu = check_resources(cfg)
+        TorchTrainer(eval_loop_per_worker,
+                     train_loop_config={"checkpoint": str(Path(args.checkpoint).resolve()), "config": args.config,
+                                        "overrides": args.overrides, "out": str(out_dir.resolve()),
+                                        "cwd": os.getcwd(), "threads": cfg.ray.cpus_per_worker},
+                     torch_config=torch_config(use_gpu), scaling_config=scaling_config(cfg, use_gpu),
+                     run_config=RunConfig(name="eval", storage_path=tempfile.mkdtemp(prefix="ddetr-eval-"))).fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ddetr_dist.engine.evaluate import EvalResult
+    from ddetr_dist.engine.inference import load_trained, resolve_weights
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        weights, run_dir = resolve_weights(args.checkpoint)
+        out_dir = Path(args.out) if args.out else default_out_dir(args.checkpoint, run_dir)
+        cfg = load_trained(args.checkpoint, args.config, args.overrides, DEMO_CONFIG)[0]
+        if not cfg.data.val_shards:
+            raise ConfigError("config key 'data.val_shards' is empty: point it at the shards to evaluate on")
+        if cfg.ray.num_workers > 1:
+            evaluate_on_ray(args, cfg, out_dir)
+            saved = json.loads((out_dir / "metrics.json").read_text())
+            result = EvalResult(saved["metrics"], saved["per_category_AP"], out_dir)
+        else:
+            weights, result = evaluate_here(args.checkpoint, args.config, args.overrides, out_dir)
+    except (ConfigError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
+        print(f"ddetr eval: {e}", file=sys.stderr)
+        return 2
+    print(f"{weights}: {result.metrics['images']} images, {result.metrics['detections']} detections\n"
+          f"{result.table()}\n-> {out_dir}/detections.json, metrics.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddetr_dist.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_intermixed_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
