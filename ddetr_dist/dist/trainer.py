@@ -21,8 +21,11 @@ from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config, ConfigError, check_training_config, save_config, to_dict
 
 log = logging.getLogger("ddetr_dist.train")
-# Ray binds the machine's external interface and phones home unless told otherwise
-RAY_ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray phones home unless told otherwise
+RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0"}
+# for a Ray started here: keep it on this machine (Ray otherwise binds the external interface);
+# not for a cluster we join, where it would refuse the other nodes
+LOCAL_RAY_ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 LOCAL_RAY_ADDRESS = "127.0.0.1"
 
 
@@ -60,20 +63,23 @@ def check_data(cfg: Config) -> None:
 def connect_ray(cfg: Config) -> bool:
     """Connect to `ray.address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1.
     -> True when this process started Ray (and should stop it)."""
-    for key, value in RAY_ENV_DEFAULTS.items():
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    # before Ray is imported: it reads these once
+    for key, value in {**RAY_ENV_DEFAULTS, **({} if address else LOCAL_RAY_ENV_DEFAULTS)}.items():
         os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
         return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return False
     log.info("starting a local Ray on %s for this run", LOCAL_RAY_ADDRESS)
     # with its dashboard (on 127.0.0.1): Ray Train's state queries need it
-    ray.init(_node_ip_address=LOCAL_RAY_ADDRESS, include_dashboard=True, dashboard_host=LOCAL_RAY_ADDRESS,
+    # address="local": a new Ray even when a `ray start` cluster runs on this machine (plain
+    # ray.init() would join that one, which the user did not name)
+    ray.init(address="local", _node_ip_address=LOCAL_RAY_ADDRESS, include_dashboard=True, dashboard_host=LOCAL_RAY_ADDRESS,
              log_to_driver=True)
     return True
 
@@ -150,24 +156,29 @@ def torch_config(use_gpu: bool):
     return TorchConfig(backend="nccl" if use_gpu else "gloo")
 
 
-def _fit(cfg: Config, run_dir: Path, use_gpu: bool) -> None:
+def build_torch_trainer(cfg: Config, run_dir: Path, use_gpu: bool, callbacks: tuple = ()):
+    """The Ray Train `TorchTrainer` of one run: `cfg.ray.num_workers` workers running the
+    DeepSpeed loop, Ray's storage = the run directory. Tune trials build theirs here too."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from ddetr_dist.dist.worker import train_loop_per_worker
 
     r = cfg.ray
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "run_id": uuid.uuid4().hex[:8],
                            "cwd": os.getcwd(), "progress_bars": sys.stderr.isatty()},
         torch_config=torch_config(use_gpu),
         scaling_config=scaling_config(cfg, use_gpu),
-        run_config=RunConfig(name=cfg.name, storage_path=str(run_dir.parent),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent), callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints)),
     )
+
+
+def _fit(cfg: Config, run_dir: Path, use_gpu: bool) -> None:
     try:
-        trainer.fit()
+        build_torch_trainer(cfg, run_dir, use_gpu).fit()
     except Exception as e:  # Ray wraps the workers' error: keep its message, drop Ray's frames
         raise TrainingFailed(f"training run {run_dir} failed: {e}") from e

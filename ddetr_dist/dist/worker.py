@@ -63,6 +63,19 @@ def enter_driver_directory(cwd: str) -> None:
         os.chdir(cwd)
 
 
+def check_shared_storage(run_dir: Path) -> None:
+    """Rank 0 writes metrics, TensorBoard and model_final.pth into the run directory, and
+    every rank writes its checkpoint shard there: each node must see the folder the driver
+    made (an NFS/Lustre path, or a Kubernetes ReadWriteMany volume, at the same path)."""
+    if not (run_dir / "config.yaml").is_file():
+        import ray
+
+        raise RuntimeError(
+            f"node {socket.gethostname()} ({ray.util.get_node_ip_address()}) cannot see the run directory {run_dir} "
+            "that the driver created: on a multi-node cluster, output_dir must be a shared file system mounted at "
+            "the same path on every node (NFS, Lustre, EFS, a ReadWriteMany volume)")
+
+
 def ray_progress_bar(total: int, initial: int, desc: str):
     """A bar that survives Ray's log streaming (drawn by the driver in its terminal)."""
     from ray.experimental.tqdm_ray import tqdm as ray_tqdm
@@ -89,6 +102,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg: Config = config_from_dict(loop_config["config"])
     enter_driver_directory(loop_config["cwd"])
+    check_shared_storage(Path(loop_config["run_dir"]))
     torch.set_num_threads(cfg.ray.cpus_per_worker)
     device = ray.train.torch.get_device()
     if device.type == "cuda":

@@ -148,6 +148,8 @@ class Trainer:
                                                    dist_init_required=False)
             if resume_dir is not None:
                 self._resume(resume_dir, saved, exact, portable)
+            else:  # a group restarted before any checkpoint was registered starts over: so does its log
+                self.metrics.truncate_after(0)
         self._time_allreduce()
         # after a resume, TensorBoard drops what was logged after the checkpoint (it is redone)
         self.tensorboard = TensorBoardSink(self.run_dir, purge_step=self.progress.step + 1) if self.rank == 0 else None

@@ -58,6 +58,18 @@ def records(run_dir: Path, event: str | None = None) -> list[dict]:
     return [r for r in out if event is None or r.get("event") == event]
 
 
+def registered_checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray's controller has registered (and will restore from):
+    a worker's report returns before the controller records it, so a worker killed in
+    between restarts from the checkpoint before."""
+    path = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        snapshot = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or being written
+        return []
+    return [r["metrics"]["step"] for r in snapshot.get("checkpoint_results", [])]
+
+
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

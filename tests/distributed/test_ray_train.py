@@ -14,7 +14,7 @@ import torch
 from ddetr_dist.models import build_model, load_official_checkpoint
 from ddetr_dist.train import main as train_main
 
-from .ray_helpers import environment, records, run_train, start_train, wait_for, write_tiny_config
+from .ray_helpers import environment, records, registered_checkpoint_steps, run_train, start_train, wait_for, write_tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -68,7 +68,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(tiny_data,
     run_dir = tmp_path / "runs" / "fault"
     proc = start_train(config, "train.max_steps=40", "train.checkpoint_every_steps=4", log=tmp_path / "log.txt")
     try:
-        wait_for(lambda: any(r["step"] >= 4 for r in records(run_dir, "checkpoint")), 240, "a checkpoint", proc)
+        wait_for(lambda: registered_checkpoint_steps(run_dir), 240, "a registered checkpoint", proc)
         victim = next(w for w in records(run_dir, "workers")[0]["workers"] if w["rank"] == 1)
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = max(r["step"] for r in records(run_dir, "train"))
@@ -89,7 +89,7 @@ def test_restarted_driver_continues_and_a_finished_run_extends(tiny_data, tmp_pa
     run_dir = tmp_path / "runs" / "driver"
     proc = start_train(config, "train.max_steps=40", "train.checkpoint_every_steps=4", log=tmp_path / "log1.txt")
     try:
-        wait_for(lambda: any(r["step"] >= 4 for r in records(run_dir, "checkpoint")), 240, "a checkpoint", proc)
+        wait_for(lambda: registered_checkpoint_steps(run_dir), 240, "a registered checkpoint", proc)
         proc.send_signal(signal.SIGKILL)  # the driver dies; Ray's reaper takes the local cluster down
         proc.wait(timeout=60)
     finally:
