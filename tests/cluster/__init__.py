@@ -1,0 +1,1 @@
+"""Cluster tests: multi-node Ray in network namespaces, ray job submit, SLURM, cluster configs."""
