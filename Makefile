@@ -8,13 +8,18 @@ export RAY_USAGE_STATS_ENABLED := 0
 DEMO_DIR ?= data/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-gpu demo bench clean
+.PHONY: setup test test-deps test-gpu demo bench clean
 
 setup:
 	@VENV=$(VENV) bash tools/setup_env.sh
 
 test: setup
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# Debian packages of the cluster tests (real Slurm, munge, shellcheck); as root. Without
+# them those tests skip, with the reason.
+test-deps:
+	@bash tools/install_test_deps.sh
 
 # On a machine with a CUDA torch and a GPU.
 test-gpu: setup
