@@ -148,6 +148,22 @@ def locked_build(build_dir: Path, build: Callable[[], T]) -> T:
         return build()
 
 
+def _with_our_ninja(build: Callable[[], T]) -> T:
+    """Run build() with the ninja of our Python environment first on PATH. Two ninja
+    versions sharing a build folder (a system 1.11 and the pip 1.13, say, chosen by each
+    process's PATH) hash commands differently and each rebuilds everything the other built."""
+    try:
+        import ninja
+    except ImportError:
+        return build()
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + saved
+    try:
+        return build()
+    finally:
+        os.environ["PATH"] = saved
+
+
 def _build_and_load(verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -159,10 +175,10 @@ def _build_and_load(verbose: bool) -> ModuleType:
         if first_time:
             logger.info("building the MSDA extension in %s (about a minute, once per node)", build_dir)
         start = time.perf_counter()
-        module = locked_build(build_dir, lambda: cpp_extension.load(
+        module = locked_build(build_dir, lambda: _with_our_ninja(lambda: cpp_extension.load(
             name=spec["name"], sources=spec["sources"], extra_cflags=spec["extra_cflags"],
             extra_cuda_cflags=spec["extra_cuda_cflags"], extra_ldflags=spec["extra_ldflags"],
-            build_directory=str(build_dir), with_cuda=spec["with_cuda"], verbose=verbose))
+            build_directory=str(build_dir), with_cuda=spec["with_cuda"], verbose=verbose)))
     except Exception as error:  # compiler errors arrive as RuntimeError, missing files/tools as others
         raise BuildError(f"could not build the MSDA extension in {build_dir}: {type(error).__name__}: {error}\n"
                          f"To {FALLBACK_HINT}.") from error

@@ -37,7 +37,10 @@ class RayCluster:
         # Ray >= 2.52 guards a cluster on a routable address with a token that every node and
         # client must present: this cluster's own, not whatever ~/.ray/auth_token holds
         self.token = secrets.token_hex(16)
-        self.env = {**os.environ, **NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        self.env = {**os.environ, **NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                    # what each node's processes (the job's driver, Ray Train's helpers) join: this
+                    # cluster, not another Ray that runs on the machine
+                    "RAY_ADDRESS": self.gcs_address}
         self.processes: list[subprocess.Popen] = []
         # short: Ray's unix socket paths live under it and must stay under 107 characters
         self.temp_root = Path(tempfile.mkdtemp(prefix="ddr-", dir="/tmp"))
