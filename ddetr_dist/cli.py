@@ -11,6 +11,7 @@ import sys
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ddetr_dist.train", "train (or resume) a run: Ray Train workers with DeepSpeed ZeRO"),
+    "tune": ("ddetr_dist.tune", "sweep hyperparameters: a Ray Tune search (ASHA early stopping) of ddetr train runs"),
     "eval": ("ddetr_dist.eval", "COCO evaluation of a checkpoint or run on the val shards (AP table)"),
     "predict": ("ddetr_dist.predict", "detect objects in images: JSON and a drawn copy per image"),
     "demo-data": ("ddetr_dist.data.demo", "generate the built-in demo detection dataset (COCO json + jpgs + shards)"),

@@ -98,6 +98,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     from ddetr_dist.engine.loop import Trainer
+    from ddetr_dist.ops.build import use_our_ninja
+
+    use_our_ninja()  # before DeepSpeed JIT-builds its comm op
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg: Config = config_from_dict(loop_config["config"])

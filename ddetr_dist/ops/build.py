@@ -102,9 +102,10 @@ def build_spec() -> dict:
     cflags = ["-O3", "-fopenmp"] + (["-march=native"] if isa else [])
     if with_cuda:
         cflags.append("-DMSDA_WITH_CUDA")
-    sources = [SOURCE_DIR / s for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     spec = {
-        "sources": [str(s) for s in sources],
+        # names, not paths: the same sources in another checkout (a Ray job's uploaded
+        # working_dir lands in a new folder each time) hash to the same build
+        "sources": list(CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())),
         "extra_cflags": cflags,
         "extra_cuda_cflags": ["-O3"] if with_cuda else [],
         "extra_ldflags": ["-fopenmp"],
@@ -137,6 +138,22 @@ def node_lock(lock_path: Path, what: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def stage_sources(build_dir: Path) -> Path:
+    """Copy csrc/msda into the build folder and build from there: ninja keys its work by the
+    source paths, so building from each checkout's own csrc (or each upload of a Ray job's
+    working_dir) would recompile everything. Files are rewritten only when they differ, so
+    their times stay and ninja's up-to-date checks hold."""
+    staged = build_dir / "src"
+    staged.mkdir(parents=True, exist_ok=True)
+    for path in SOURCE_DIR.iterdir():
+        if path.suffix in SOURCE_SUFFIXES:
+            target = staged / path.name
+            data = path.read_bytes()
+            if not target.exists() or target.read_bytes() != data:
+                target.write_bytes(data)
+    return staged
+
+
 def locked_build(build_dir: Path, build: Callable[[], T]) -> T:
     """Run build() under the node lock of build_dir, after removing a stale torch lock."""
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -148,20 +165,18 @@ def locked_build(build_dir: Path, build: Callable[[], T]) -> T:
         return build()
 
 
-def _with_our_ninja(build: Callable[[], T]) -> T:
-    """Run build() with the ninja of our Python environment first on PATH. Two ninja
-    versions sharing a build folder (a system 1.11 and the pip 1.13, say, chosen by each
-    process's PATH) hash commands differently and each rebuilds everything the other built."""
+def use_our_ninja() -> None:
+    """Put the ninja of our Python environment first on PATH (for this process and what it
+    starts). Two ninja versions sharing a build folder (a system 1.11 and the pip 1.13, say,
+    picked by each process's PATH) hash commands differently and each rebuilds everything
+    the other built: our op, and DeepSpeed's JIT ops too."""
     try:
         import ninja
     except ImportError:
-        return build()
-    saved = os.environ.get("PATH", "")
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + saved
-    try:
-        return build()
-    finally:
-        os.environ["PATH"] = saved
+        return
+    path = os.environ.get("PATH", "")
+    if not path.startswith(ninja.BIN_DIR + os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
 
 
 def _build_and_load(verbose: bool) -> ModuleType:
@@ -175,10 +190,17 @@ def _build_and_load(verbose: bool) -> ModuleType:
         if first_time:
             logger.info("building the MSDA extension in %s (about a minute, once per node)", build_dir)
         start = time.perf_counter()
-        module = locked_build(build_dir, lambda: _with_our_ninja(lambda: cpp_extension.load(
-            name=spec["name"], sources=spec["sources"], extra_cflags=spec["extra_cflags"],
-            extra_cuda_cflags=spec["extra_cuda_cflags"], extra_ldflags=spec["extra_ldflags"],
-            build_directory=str(build_dir), with_cuda=spec["with_cuda"], verbose=verbose)))
+        use_our_ninja()
+
+        def build() -> ModuleType:
+            staged = stage_sources(build_dir)
+            return cpp_extension.load(
+                name=spec["name"], sources=[str(staged / name) for name in spec["sources"]],
+                extra_cflags=spec["extra_cflags"], extra_cuda_cflags=spec["extra_cuda_cflags"],
+                extra_ldflags=spec["extra_ldflags"], build_directory=str(build_dir), with_cuda=spec["with_cuda"],
+                verbose=verbose)
+
+        module = locked_build(build_dir, build)
     except Exception as error:  # compiler errors arrive as RuntimeError, missing files/tools as others
         raise BuildError(f"could not build the MSDA extension in {build_dir}: {type(error).__name__}: {error}\n"
                          f"To {FALLBACK_HINT}.") from error

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
 import importlib.util
 import re
 import shlex
@@ -92,6 +93,15 @@ class Checked:
     train_configs: list[Config] = field(default_factory=list)
 
 
+def module_exists(name: str) -> bool:
+    if name == "pip":
+        # not importlib.util.find_spec: setuptools' distutils shim watches for pip's lookup and
+        # turns itself off for the rest of the process (torch's cpp_extension, which imports
+        # setuptools, then fails in every later test that builds the op)
+        return importlib.machinery.PathFinder.find_spec(name) is not None
+    return importlib.util.find_spec(name) is not None
+
+
 class CommandChecker:
     """Checks commands run on a node with the checkout at `remote_root` (None: no checkout
     there), or, with cwd_in_repo, in the repository."""
@@ -143,7 +153,7 @@ class CommandChecker:
         for i, arg in enumerate(args):
             if arg == "-m":
                 module = args[i + 1]
-                assert importlib.util.find_spec(module), f"{text!r}: no module {module}"
+                assert module_exists(module), f"{text!r}: no module {module}"
                 if module == "ray.scripts.scripts":  # the `ray` command itself
                     self.check_ray(args[i + 2:], text)
                 return

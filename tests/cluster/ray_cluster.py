@@ -88,9 +88,15 @@ class RayCluster:
                               capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
-        for i in range(len(self.net.nodes)):  # `ray stop` in each node ends what `ray start` left
-            self.net.run(i, [RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=60)
+        # not `ray stop`: it finds Ray processes by name, machine-wide (namespaces share process
+        # ids), and would end other Rays on this machine. SIGTERM makes `ray start --block` stop
+        # its own node; Network.remove() kills whatever is still inside a namespace.
         for p in self.processes:
-            p.kill()
-            p.wait()
+            p.terminate()
+        for p in self.processes:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         shutil.rmtree(self.temp_root, ignore_errors=True)

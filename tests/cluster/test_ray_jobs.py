@@ -79,7 +79,7 @@ def test_a_job_with_a_bad_config_fails_and_says_why(cluster, tiny_data, tmp_path
 def test_a_stopped_job_resumes_when_submitted_again(cluster, tiny_data, tmp_path):
     config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "stopped")
     run_dir = tmp_path / "runs" / "stopped"
-    args = ("--config", str(config), "train.max_steps=24", "train.checkpoint_every_steps=3")
+    args = ("--config", str(config), "train.max_steps=15", "train.checkpoint_every_steps=3")
     submitted = submit(cluster, "job-first", "--no-wait", *args)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
     wait_for(lambda: registered_checkpoint_steps(run_dir), 300, "a registered checkpoint")
@@ -93,5 +93,5 @@ def test_a_stopped_job_resumes_when_submitted_again(cluster, tiny_data, tmp_path
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
     resumed = records(run_dir, "resume")
     assert len(resumed) == 1 and resumed[0]["step"] >= 3 and resumed[0]["exact"]
-    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 25))
-    assert records(run_dir, "final")[-1]["step"] == 24
+    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 16))
+    assert records(run_dir, "final")[-1]["step"] == 15

@@ -66,7 +66,7 @@ def build_config(run_dir):
 def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(tiny_data, tmp_path):
     config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "fault")
     run_dir = tmp_path / "runs" / "fault"
-    proc = start_train(config, "train.max_steps=40", "train.checkpoint_every_steps=4", log=tmp_path / "log.txt")
+    proc = start_train(config, "train.max_steps=20", "train.checkpoint_every_steps=4", log=tmp_path / "log.txt")
     try:
         wait_for(lambda: registered_checkpoint_steps(run_dir), 240, "a registered checkpoint", proc)
         victim = next(w for w in records(run_dir, "workers")[0]["workers"] if w["rank"] == 1)
@@ -75,19 +75,19 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(tiny_data,
         assert proc.wait(timeout=600) == 0, (tmp_path / "log.txt").read_text()[-5000:]
     finally:
         proc.kill()
-    assert killed_at < 40, "the run finished before the worker was killed"
+    assert killed_at < 20, "the run finished before the worker was killed"
     resumed = records(run_dir, "resume")
     assert len(resumed) == 1 and 4 <= resumed[0]["step"] <= killed_at and resumed[0]["exact"]
     # the redone steps replaced the lost ones: the log reads as one run, every step once
-    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 41))
-    assert records(run_dir, "final")[-1]["step"] == 40
+    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 21))
+    assert records(run_dir, "final")[-1]["step"] == 20
     assert len(records(run_dir, "workers")) == 2  # the first group and its replacement
 
 
 def test_restarted_driver_continues_and_a_finished_run_extends(tiny_data, tmp_path):
     config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "driver")
     run_dir = tmp_path / "runs" / "driver"
-    proc = start_train(config, "train.max_steps=40", "train.checkpoint_every_steps=4", log=tmp_path / "log1.txt")
+    proc = start_train(config, "train.max_steps=16", "train.checkpoint_every_steps=4", log=tmp_path / "log1.txt")
     try:
         wait_for(lambda: registered_checkpoint_steps(run_dir), 240, "a registered checkpoint", proc)
         proc.send_signal(signal.SIGKILL)  # the driver dies; Ray's reaper takes the local cluster down
@@ -95,14 +95,14 @@ def test_restarted_driver_continues_and_a_finished_run_extends(tiny_data, tmp_pa
     finally:
         proc.kill()
     assert not records(run_dir, "final")
-    again = run_train(config, "train.max_steps=40", "train.checkpoint_every_steps=4")
+    again = run_train(config, "train.max_steps=16", "train.checkpoint_every_steps=4")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert records(run_dir, "resume")[0]["step"] >= 4
-    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 41))
-    more = run_train(config, "train.max_steps=44", "train.checkpoint_every_steps=4")
+    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 17))
+    more = run_train(config, "train.max_steps=20", "train.checkpoint_every_steps=4")
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
-    assert records(run_dir, "resume")[-1]["step"] == 40
-    assert records(run_dir, "final")[-1]["step"] == 44
+    assert records(run_dir, "resume")[-1]["step"] == 16
+    assert records(run_dir, "final")[-1]["step"] == 20
 
 
 @pytest.mark.parametrize("override, message", [
