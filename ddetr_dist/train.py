@@ -41,6 +41,10 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
                         help=f"YAML config (default: the demo, {DEMO_CONFIG.relative_to(REPO)})")
+    parser.add_argument("--print-run-dir", action="store_true",
+                        help="print the run directory this config and these overrides train into, and exit "
+                             "(scripts use it: e.g. to create <run dir>/CHECKPOINT_NOW, which makes the run "
+                             "save a checkpoint at its next step)")
     parser.add_argument("overrides", nargs="*", default=[], help="section.key=value config overrides")
 
 
@@ -62,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+        if args.print_run_dir:
+            from ddetr_dist.dist.trainer import run_dir_of
+
+            print(run_dir_of(cfg))
+            return 0
         if args.config is None:
             ensure_demo_data(cfg.data.train_shards)
         result = train(cfg)

@@ -43,6 +43,7 @@ from ddetr_dist.models.build import variant_of
 from ddetr_dist.models.convert import METADATA_KEY
 
 log = logging.getLogger("ddetr_dist.train")
+CHECKPOINT_REQUEST = "CHECKPOINT_NOW"  # a file whose presence asks for a checkpoint at the next step
 FINAL_MODEL = "model_final.pth"
 FINAL_METRICS = "final_metrics.json"
 # Fault injection for tests: "STEP[,STEP...][@RANK]" makes the loss non-finite at those
@@ -264,7 +265,7 @@ class Trainer:
                     times = StepTimes()
                 if p.step >= self.total_steps or p.batches_in_epoch >= self.batches_per_step_epoch:
                     break
-                if t.checkpoint_every_steps and p.step % t.checkpoint_every_steps == 0:
+                if (t.checkpoint_every_steps and p.step % t.checkpoint_every_steps == 0) or self._checkpoint_requested():
                     self.save_checkpoint({})
             tick = time.perf_counter()
         epoch.add(times)
@@ -372,6 +373,18 @@ class Trainer:
         self.save_checkpoint(metrics)
 
     # ------------------------------------------------------------------ saving
+
+    def _checkpoint_requested(self) -> bool:
+        """Whether someone asked for a checkpoint now by creating CHECKPOINT_NOW in the run
+        directory (the SLURM script does before a time limit or requeue; anyone may). Rank 0
+        looks, every rank learns it in one all-reduce per step, and the request is consumed."""
+        request = self.run_dir / CHECKPOINT_REQUEST
+        requested = comm.any_rank(self.rank == 0 and request.exists())
+        if requested and self.rank == 0:
+            request.unlink(missing_ok=True)
+            self.metrics.emit({"event": "checkpoint_requested", "step": self.progress.step,
+                               "epoch": self.progress.epoch})
+        return requested
 
     def _saved_at(self, step: int) -> bool:
         return self._last_saved_step == step

@@ -1,8 +1,8 @@
 """launch/slurm/ddetr.sbatch on a real Slurm (slurmctld + 2 slurmd, each node a network and
 PID namespace with 1 CPU): a 2-node job trains with one Ray worker per node, on the job's
 own ports and temp dirs, and stops its Ray; told that its time is up (SIGUSR1, as
-`--signal=B:USR1@300` does) it requeues itself and the requeued job resumes from the
-checkpoint; a cancelled job stays cancelled. Needs root, `ip netns`, `unshare` and Debian's
+`--signal=B:USR1@300` does) it saves a checkpoint, requeues itself, and the requeued job
+resumes from that checkpoint; a cancelled job stays cancelled. Needs root, `ip netns`, `unshare` and Debian's
 slurmctld, slurmd, slurm-client and munge: skipped without them, unless CI is set.
 (tests/test_shell_scripts.py runs shellcheck over both sbatch scripts.)"""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed.ray_helpers import RAY_ENV, records, registered_checkpoint_steps, wait_for, write_tiny_config
+from distributed.ray_helpers import RAY_ENV, records, wait_for, write_tiny_config
 
 from . import netns
 from .slurm_cluster import SlurmCluster, missing_commands
@@ -84,19 +84,23 @@ class FinishedJob:
 
 @pytest.fixture(scope="module")
 def requeued_job(slurm, tiny_data, tmp_path_factory) -> FinishedJob:
-    """One 2-node job, the way a long run meets its time limit: once a checkpoint is
-    registered it gets SIGUSR1 (what `#SBATCH --signal=B:USR1@300` sends the batch shell),
-    requeues itself, and the requeued job resumes and finishes. Each Ray start costs
+    """One 2-node job, the way a long run meets its time limit: once it trains it gets
+    SIGUSR1 (what `#SBATCH --signal=B:USR1@300` sends the batch shell), saves, requeues
+    itself, and the requeued job resumes and finishes. Each Ray start costs
     ~1 minute on this machine: one job serves every check."""
     workdir = tmp_path_factory.mktemp("job")
     config = write_tiny_config(workdir / "tiny.yaml", tiny_data, workdir / "runs", "unused")
-    steps = 10
+    # no periodic checkpoints and no epoch end (500 steps an epoch): the one it resumes from is
+    # the one the signal asked for; steps enough (~0.35 s each here) that the run is still
+    # going when the script, having seen that checkpoint, requeues and stops it
+    steps = 60
     job, out = submit(slurm, workdir, "ddtiny", config,  # data.val_shards= : no evaluation
-                      f"ray.cpus_per_worker=1 train.max_steps={steps} train.checkpoint_every_steps=2 data.val_shards=")
+                      f"ray.cpus_per_worker=1 train.max_steps={steps} train.checkpoint_every_steps=0 "
+                      "data.samples_per_epoch=2000 data.val_shards=")
     run_dir = workdir / "runs" / f"ddtiny-{job}"  # the default name: <job name>-<job id>
-    wait_for(lambda: registered_checkpoint_steps(run_dir) or slurm.job(job).get("JobState") not in {"PENDING", "RUNNING"},
-             240, "a registered checkpoint")
-    assert registered_checkpoint_steps(run_dir), slurm.job(job).get("JobState") + out.read_text()[-5000:]
+    wait_for(lambda: records(run_dir, "train") or slurm.job(job).get("JobState") not in {"PENDING", "RUNNING"},
+             240, "the first step")
+    assert records(run_dir, "train"), slurm.job(job).get("JobState") + out.read_text()[-5000:]
     slurm.client(["scancel", "--batch", "--signal=USR1", str(job)])
     signalled_at = max(r["step"] for r in records(run_dir, "train"))
     info = slurm.wait_for_state(job, "COMPLETED", timeout=360, log=out)
@@ -136,9 +140,13 @@ def test_job_near_its_time_limit_requeues_itself_and_resumes(requeued_job):
     assert requeued_job.info["Restarts"] == "1", requeued_job.info
     assert "SIGUSR1 (the time limit is near): requeueing job" in log and f"job {job} (restart 1)" in log, log
     assert requeued_job.signalled_at < steps, "the run finished before the signal"
-    # from a checkpoint (every 2 steps) of the first run, exactly (same workers, same stage)
+    # the signal made the run save (CHECKPOINT_NOW) before the requeue, and the requeued job
+    # resumed from that checkpoint, exactly (same workers, same stage)
+    assert "checkpoint saved" in log, log
+    requested = records(run_dir, "checkpoint_requested")
     resumed = records(run_dir, "resume")
-    assert len(resumed) == 1 and resumed[0]["step"] in range(2, steps, 2) and resumed[0]["exact"], resumed
+    assert len(requested) == 1 and requested[0]["step"] < steps, requested
+    assert len(resumed) == 1 and resumed[0]["step"] == requested[0]["step"] and resumed[0]["exact"], resumed
     # the requeued job continued the same run (same name: the job id survives a requeue)
     assert [r["step"] for r in records(run_dir, "train")] == list(range(1, steps + 1))
     assert records(run_dir, "final")[-1]["step"] == steps

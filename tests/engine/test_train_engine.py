@@ -88,6 +88,17 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_all(tiny_data, tmp_path):
     assert all(torch.isfinite(p).all() for p in out["params"].values())
 
 
+def test_a_checkpoint_now_file_makes_every_rank_save_at_the_next_step(tiny_data, tmp_path):
+    run_dir = tmp_path / "asked"
+    run_dir.mkdir()
+    (run_dir / "CHECKPOINT_NOW").touch()  # what launch/slurm/ddetr.sbatch does before a requeue
+    run_trainer(tiny_config(tiny_data, tmp_path, "name=asked", "train.max_steps=3"), 2, run_dir)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records if r.get("event") == "checkpoint_requested"] == [1]
+    assert [r["step"] for r in records if r.get("event") == "checkpoint"] == [1, 3]  # asked for, and the end
+    assert not (run_dir / "CHECKPOINT_NOW").exists()  # consumed: asked once, saved once
+
+
 def test_max_bad_steps_in_a_row_abort_with_advice(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path, "name=bad", "train.max_steps=6", "train.max_bad_steps=2")
     with pytest.raises(ProcessRaisedException, match=r"2 steps in a row .*train.max_bad_steps=2.*lower optim.lr"):
