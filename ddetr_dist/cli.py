@@ -4,9 +4,10 @@ so `ddetr --help` stays instant."""
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import sys
+
+from ddetr_dist.config import did_you_mean
 
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = argv[0]
     if name not in COMMANDS:
-        near = difflib.get_close_matches(name, COMMANDS, n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        print(f"ddetr: unknown command '{name}'.{hint}\n\n{_overview()}", file=sys.stderr)
+        print(f"ddetr: unknown command '{name}'.{did_you_mean(name, COMMANDS)}\n\n{_overview()}", file=sys.stderr)
         return 2
     parser, module = build_parser(name)
     try:  # options may come after positional config overrides ('a.b=1 --to official')

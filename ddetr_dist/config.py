@@ -157,11 +157,16 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def did_you_mean(word: str, choices) -> str:
+    """' Did you mean 'x'?' for the closest of `choices`, or '' when none is close."""
+    near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" Did you mean '{near[0]}'?" if near else ""
+
+
 def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
     where = f"{path}.{key}" if path else key
-    near = difflib.get_close_matches(key, valid, n=1)
-    hint = f" Did you mean '{near[0]}'?" if near else ""
-    return ConfigError(f"unknown config key '{where}'.{hint} Valid keys here: {', '.join(sorted(valid))}")
+    return ConfigError(f"unknown config key '{where}'.{did_you_mean(key, valid)} "
+                       f"Valid keys here: {', '.join(sorted(valid))}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

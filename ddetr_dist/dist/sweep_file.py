@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import importlib.util
 import typing
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any, Optional
 
 import yaml
 
-from ddetr_dist.config import Config, ConfigError, check_training_config, config_from_dict, to_dict
+from ddetr_dist.config import Config, ConfigError, check_training_config, config_from_dict, did_you_mean, to_dict
 
 # domain -> what its YAML list holds (Tune's functions of the same name)
 DOMAINS = {
@@ -116,9 +115,7 @@ class _Reader:
             raise self.fail(f"'{where}' must be a mapping, got {values!r}")
         for key in values:
             if key not in valid:
-                near = difflib.get_close_matches(str(key), list(valid), n=1)
-                hint = f" Did you mean '{near[0]}'?" if near else ""
-                raise self.fail(f"unknown key '{where + '.' if where else ''}{key}'.{hint} "
+                raise self.fail(f"unknown key '{where + '.' if where else ''}{key}'.{did_you_mean(key, valid)} "
                                 f"Valid keys here: {', '.join(sorted(valid))}")
         return values
 
@@ -200,8 +197,7 @@ class _SpaceChecker:
             return
         section = key.rsplit(".", 1)[0] if "." in key else ""
         here = sorted(k for k in self.keys if k.rsplit(".", 1)[0] == section) if "." in key else []
-        near = difflib.get_close_matches(key, sorted(self.keys), n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
+        hint = did_you_mean(key, sorted(self.keys))
         listing = f" Keys of '{section}': {', '.join(k.rsplit('.', 1)[1] for k in here)}" if here else ""
         raise self.reader.fail(f"{where}: '{key}' is not a config key.{hint}{listing}")
 
@@ -223,9 +219,7 @@ class _SpaceChecker:
                                    "overrides on the command line (section.key=value)")
         ((kind, args),) = spec.items()
         if kind not in DOMAINS:
-            near = difflib.get_close_matches(str(kind), list(DOMAINS), n=1)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise self.reader.fail(f"{where}: unknown domain '{kind}'.{hint} Domains: {', '.join(DOMAINS)}")
+            raise self.reader.fail(f"{where}: unknown domain '{kind}'.{did_you_mean(kind, DOMAINS)} Domains: {', '.join(DOMAINS)}")
         if not isinstance(args, list) or not args:
             raise self.reader.fail(f"{where}: {kind} takes a list: {DOMAINS[kind]}")
         if kind in ("grid_search", "choice"):
@@ -278,9 +272,7 @@ def load_sweep(path: str | Path, base: Config, name: str | None = None) -> Sweep
 
     metric = raw.get("metric", "AP")
     if metric not in EVAL_METRICS:
-        near = difflib.get_close_matches(str(metric), EVAL_METRICS, n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise reader.fail(f"'metric' {metric!r} is not reported by the workers.{hint} "
+        raise reader.fail(f"'metric' {metric!r} is not reported by the workers.{did_you_mean(metric, EVAL_METRICS)} "
                           f"Choose one of {', '.join(EVAL_METRICS)}")
     if not base.data.val_shards:
         raise reader.fail(f"'metric' {metric} comes from evaluating data.val_shards, which the config leaves "
