@@ -39,6 +39,20 @@ def _ip(*args: str, ns: str | None = None) -> None:
         raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()}")
 
 
+def stop_processes(processes, timeout: float) -> None:
+    """SIGTERM each process still running, all at once; SIGKILL those not gone `timeout`
+    seconds later."""
+    live = [p for p in processes if p.poll() is None]
+    for p in live:
+        p.terminate()
+    for p in live:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 @dataclass
 class Node:
     namespace: str

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .netns import Network
+from .netns import Network, stop_processes
 
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
@@ -91,12 +91,5 @@ class RayCluster:
         # not `ray stop`: it finds Ray processes by name, machine-wide (namespaces share process
         # ids), and would end other Rays on this machine. SIGTERM makes `ray start --block` stop
         # its own node; Network.remove() kills whatever is still inside a namespace.
-        for p in self.processes:
-            p.terminate()
-        for p in self.processes:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.processes, timeout=30)
         shutil.rmtree(self.temp_root, ignore_errors=True)

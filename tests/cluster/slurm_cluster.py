@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .netns import Network
+from .netns import Network, stop_processes
 
 # what the cluster runs: Debian's slurmctld, slurmd, slurm-client, munge (slurm-wlm has the
 # first three), util-linux
@@ -186,13 +186,8 @@ class SlurmCluster:
                 # `unshare` ignores SIGTERM; killed, it takes its node (PID namespace) along
                 p.kill()
                 p.wait()
-            elif p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            else:  # one at a time, in reverse order of start: munged goes last
+                stop_processes([p], timeout=10)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ---------------------------------------------------------------- clients
