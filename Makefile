@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 DEMO_DIR ?= data/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-deps test-gpu demo bench clean
+.PHONY: setup test test-deps test-gpu gpu-check demo bench clean
 
 setup:
 	@VENV=$(VENV) bash tools/setup_env.sh
@@ -24,6 +24,12 @@ test-deps:
 # On a machine with a CUDA torch and a GPU.
 test-gpu: setup
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+# The first thing to run on a GPU machine (under 8 minutes): builds the op for this GPU, runs
+# test-gpu and the benchmarks on the GPU, writes one report (runs/gpu-check/, or
+# $DDETR_GPU_CHECK_DIR). Exit 2, at once: no GPU here.
+gpu-check: setup
+	$(PY) tools/gpu_check.py
 
 demo: setup
 	@bash tools/demo.sh $(PY) $(DEMO_DIR)

@@ -114,6 +114,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; parameters and optimizer stay fp32)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     grad_accum: int = 1  # micro-batches per optimizer step
+    loss_scale_power: int = 16  # fp16: the dynamic loss scale starts at 2**this
+    loss_scale_window: int = 1000  # fp16: steps without overflow before the loss scale doubles
     checkpoint_every_steps: int = 0  # 0 = at each epoch end only
     log_every_steps: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses/gradients before the run aborts
@@ -294,6 +296,19 @@ def check_training_config(cfg: Config) -> None:
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     need(bool(d.train_shards), "data.train_shards", "is empty: point it at the training shards "
          "(a directory with manifest.json, a brace pattern or a URL; `ddetr shard` writes them)")
+    # Frozen BatchNorm and frozen stages keep ImageNet statistics and filters while fine-tuning
+    # them; without those weights they would keep a random stem and identity normalisation
+    m = cfg.model
+    frozen = []
+    if m.backbone_norm == "frozen_bn":
+        frozen.append(f"model.backbone_norm={m.backbone_norm}")
+    if m.backbone_frozen_stages > 0:
+        frozen.append(f"model.backbone_frozen_stages={m.backbone_frozen_stages}")
+    need(bool(m.backbone_weights) or not frozen, "model.backbone_weights",
+         f"is empty (a random backbone), but {' and '.join(frozen)} would keep parts of it as initialised: frozen "
+         "BatchNorm and frozen stages are for fine-tuning ImageNet weights. Give them (a torchvision ResNet .pth, "
+         "e.g. https://download.pytorch.org/models/resnet50-0676ba61.pth), or train the backbone from scratch: "
+         "model.backbone_norm=bn model.backbone_frozen_stages=0")
 
 
 def config_from_dict(values: dict) -> Config:

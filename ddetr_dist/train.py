@@ -14,8 +14,9 @@ config sections (every key: ddetr_dist/config.py; files: configs/):
   loss   matcher costs and loss weights
   data   shards (train_shards, val_shards), batch_size per worker, loader num_workers, scales
   optim  lr, lr_backbone, lr_linear_proj_mult, weight_decay, epochs, lr_drop, clip_max_norm, warmup_steps
-  train  max_steps, precision (fp32/bf16/fp16), zero_stage (0-3), grad_accum,
-         checkpoint_every_steps, log_every_steps, max_bad_steps
+  train  max_steps, precision (fp32/bf16/fp16; fp16 with zero_stage 0 only), zero_stage (0-3),
+         grad_accum, loss_scale_power/loss_scale_window (fp16), checkpoint_every_steps,
+         log_every_steps, max_bad_steps
   ray    address, num_workers, use_gpu, cpus_per_worker, max_failures, keep_checkpoints
 
 examples:
@@ -88,6 +89,7 @@ def summary(result) -> str:
     """What the run left: the last losses, the last AP table, where to look."""
     import json
 
+    from ddetr_dist.engine.eval_hook import EVAL_DIR
     from ddetr_dist.engine.evaluate import EvalResult
     from ddetr_dist.engine.tensorboard import TENSORBOARD_DIR
 
@@ -95,12 +97,16 @@ def summary(result) -> str:
     lines = [f"done: {run_dir}"]
     if m:
         lines.append(f"  last step {m['step']}: loss {m['loss']:.4f}, {m['images_per_s']:.1f} images/s")
-    evals = sorted((run_dir / "eval").glob("*/metrics.json"))
+    # the train loop's evaluations are eval/<step:08d>/; others there (`ddetr eval`'s
+    # eval/manual-<...>/) are not this run's steps
+    evals = {int(path.parent.name): path for path in (run_dir / EVAL_DIR).glob("*/metrics.json")
+             if path.parent.name.isdecimal()}
     if evals:
-        saved = json.loads(evals[-1].read_text())
-        lines += [f"  evaluation at step {int(evals[-1].parent.name)} ({saved['metrics']['images']} val images):",
+        step = max(evals)
+        saved = json.loads(evals[step].read_text())
+        lines += [f"  evaluation at step {step} ({saved['metrics']['images']} val images):",
                   EvalResult(saved["metrics"], saved["per_category_AP"]).table(),
-                  f"  predictions drawn: {evals[-1].parent / 'predictions.png'}"]
+                  f"  predictions drawn: {evals[step].parent / 'predictions.png'}"]
     lines += [f"  model: {result.model_final}", f"  metrics: {run_dir / 'metrics.jsonl'}",
               f"  TensorBoard: tensorboard --logdir {run_dir / TENSORBOARD_DIR}"]
     return "\n".join(lines)

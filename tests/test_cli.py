@@ -28,3 +28,29 @@ def test_options_may_follow_positional_overrides(tmp_path, capsys):
     code = main(["convert-checkpoint", str(tmp_path / "nope.pth"), str(tmp_path / "out.pth"),
                  "model.nheads=8", "--to", "official"])
     assert code == 1 and "checkpoint not found" in capsys.readouterr().err
+
+
+def write_evaluation(folder, images: int) -> None:
+    import json
+
+    from ddetr_dist.engine.evaluate import REPORTED
+
+    folder.mkdir(parents=True)
+    metrics = {**{name: 0.5 for name in REPORTED}, "images": images}
+    (folder / "metrics.json").write_text(json.dumps({"metrics": metrics, "per_category_AP": {"circle": 0.5}}))
+
+
+def test_the_summary_shows_the_newest_step_evaluation_beside_ddetr_evals_own(tmp_path):
+    """`ddetr eval` on a run directory writes eval/manual-<...>/: the end-of-run summary
+    reads the train loop's eval/<step:08d>/ only (issue 12, bug 6)."""
+    from ddetr_dist.dist.trainer import RunResult
+    from ddetr_dist.train import summary
+
+    write_evaluation(tmp_path / "eval" / "00000005", images=5)
+    write_evaluation(tmp_path / "eval" / "00000012", images=12)
+    write_evaluation(tmp_path / "eval" / "manual-20260101-120000", images=99)
+    result = RunResult(tmp_path, tmp_path / "model_final.pth", {"step": 12, "loss": 1.5, "images_per_s": 3.0})
+    text = summary(result)
+    assert "evaluation at step 12 (12 val images)" in text
+    assert str(tmp_path / "eval" / "00000012" / "predictions.png") in text
+    assert "last step 12: loss 1.5000" in text

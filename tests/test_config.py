@@ -105,3 +105,41 @@ def test_config_round_trips_through_a_dict():
 
     cfg = load_config(CONFIGS / "demo.yaml", ["train.zero_stage=2", "ray.use_gpu=false"])
     assert config_from_dict(to_dict(cfg)) == cfg
+
+
+FROM_SCRATCH = ["model.backbone_norm=bn", "model.backbone_frozen_stages=0"]
+
+
+@pytest.mark.parametrize("overrides, frozen", [
+    ([], "model.backbone_norm=frozen_bn and model.backbone_frozen_stages=2"),  # the defaults
+    (["model.backbone_norm=bn"], "model.backbone_frozen_stages=2"),
+    (["model.backbone_frozen_stages=0"], "model.backbone_norm=frozen_bn"),
+])
+def test_a_frozen_backbone_without_weights_is_refused(overrides, frozen):
+    """Frozen BatchNorm and frozen stages keep ImageNet weights while fine-tuning: on a
+    random backbone they would train around a random stem (issue 12, bug 10)."""
+    from ddetr_dist.config import check_training_config
+
+    with pytest.raises(ConfigError) as error:
+        check_training_config(load_config(None, ["data.train_shards=x", *overrides]))
+    message = str(error.value)
+    assert "config key 'model.backbone_weights'" in message and frozen in message
+    assert "model.backbone_norm=bn model.backbone_frozen_stages=0" in message  # what to write instead
+
+
+@pytest.mark.parametrize("overrides", [FROM_SCRATCH, ["model.backbone_weights=resnet50.pth"],
+                                       ["model.backbone_weights=resnet50.pth", "model.backbone_frozen_stages=5"]])
+def test_a_backbone_from_scratch_or_from_weights_is_accepted(overrides):
+    from ddetr_dist.config import check_training_config
+
+    check_training_config(load_config(None, ["data.train_shards=x", *overrides]))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_passes_the_training_checks(path):
+    from ddetr_dist.config import check_training_config
+
+    cfg = load_config(path)
+    check_training_config(cfg)
+    # a frozen backbone only with weights to keep; the official recipe fine-tunes ImageNet's
+    assert cfg.model.backbone_weights or (cfg.model.backbone_norm, cfg.model.backbone_frozen_stages) == ("bn", 0)

@@ -4,15 +4,35 @@ directory gets a copy for inspection (`deepspeed_config.json`).
 Precision goes through DeepSpeed's torch autocast: parameters, gradients and optimizer
 state stay fp32, matmuls/convolutions and the MSDA op run in bf16/fp16. The optimizer is
 the torch AdamW we build (per-group learning rates), and there is no DeepSpeed scheduler:
-it would overwrite those rates."""
+it would overwrite those rates.
+
+fp16 runs with ZeRO-0 only: under ZeRO-1/2/3, DeepSpeed 0.19's optimizer skips an
+overflowing step without ever lowering the torch loss scale (so every later step is
+skipped too) and clips the still-scaled gradients. The loop runs the loss scale itself for
+ZeRO-0 (engine/step.py)."""
 from __future__ import annotations
 
-from ddetr_dist.config import Config
+from ddetr_dist.config import Config, ConfigError
 
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
+def check_precision(cfg: Config) -> None:
+    t = cfg.train
+    if t.precision == "fp16" and t.zero_stage > 0:
+        raise ConfigError(f"config keys 'train.precision' (fp16) and 'train.zero_stage' ({t.zero_stage}): fp16 runs "
+                          "with ZeRO-0 only (DeepSpeed's ZeRO optimizer never lowers the fp16 loss scale after an "
+                          "overflow, so it would skip every step). Use train.precision=bf16 with ZeRO, or "
+                          "train.zero_stage=0 with fp16.")
+    if t.precision == "fp16" and not (0 <= t.loss_scale_power <= 32 and t.loss_scale_window >= 1):
+        raise ConfigError(f"config keys 'train.loss_scale_power' ({t.loss_scale_power}, 0..32) and "
+                          f"'train.loss_scale_window' ({t.loss_scale_window}, >= 1) are out of range")
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """Raises ConfigError for what DeepSpeed cannot run (before any worker starts: the
+    driver generates it for the run directory)."""
+    check_precision(cfg)
     t = cfg.train
     zero: dict = {"stage": t.zero_stage}
     if t.zero_stage == 3:

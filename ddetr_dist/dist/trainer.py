@@ -9,6 +9,7 @@ checkpoint (Ray reads its snapshot); a new name starts fresh.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -60,10 +61,53 @@ def check_data(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {spec!r}: its manifest lists no samples")
 
 
+def check_model(cfg: Config) -> None:
+    """The model of `cfg` can be built, before any worker starts: `check_model_config`, then
+    the whole detector built on PyTorch's meta device (shapes only: no memory, no weights
+    read, ~50 ms), so every check its constructors make (backbone depth and norm, frozen
+    stages, two-stage without box refinement, ...) fails here, naming the key, instead of
+    in every worker of every retry."""
+    import torch
+
+    from ddetr_dist.models.build import build_model, check_model_config
+
+    model = dataclasses.replace(cfg.model, backbone_weights="")  # read by the workers
+    try:
+        check_model_config(model)
+        with torch.device("meta"):
+            build_model(dataclasses.replace(cfg, model=model))
+    except ValueError as e:
+        raise ConfigError(f"the model config cannot be built: {e}") from None
+
+
+def ray_address(cfg: Config) -> str:
+    """The cluster to join ('' = a local Ray started for this run)."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+
+
+def check_backbone_weights(cfg: Config) -> None:
+    """`model.backbone_weights` names a file, before any worker starts. With a local Ray the
+    workers see this machine's files, from where the command runs: a missing file fails
+    here. On a cluster we join, the workers' nodes may hold files this one does not: only
+    a warning (a worker that cannot find it ends the run without retries)."""
+    weights = cfg.model.backbone_weights
+    if not weights or Path(weights).is_file():
+        return
+    where = "" if Path(weights).is_absolute() else f" (relative to {os.getcwd()})"
+    message = (f"config key 'model.backbone_weights' = {weights!r}: no such file{where}. Give a torchvision "
+               "ResNet checkpoint (.pth, e.g. https://download.pytorch.org/models/resnet50-0676ba61.pth for "
+               "ResNet-50), or '' to train the backbone from scratch (with model.backbone_norm=bn "
+               "model.backbone_frozen_stages=0)")
+    if ray_address(cfg):
+        log.warning("%s, on this machine; the workers' nodes may have it", message)
+        return
+    raise ConfigError(message)
+
+
 def connect_ray(cfg: Config) -> bool:
     """Connect to `ray.address` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1.
     -> True when this process started Ray (and should stop it)."""
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    address = ray_address(cfg)
     # before Ray is imported: it reads these once
     for key, value in {**RAY_ENV_DEFAULTS, **({} if address else LOCAL_RAY_ENV_DEFAULTS)}.items():
         os.environ.setdefault(key, value)
@@ -117,8 +161,11 @@ def write_run_files(cfg: Config, run_dir: Path) -> None:
 
 def train(cfg: Config) -> RunResult:
     """Run (or resume) `cfg` to the end on Ray. Raises ConfigError before any worker
-    starts, TrainingFailed when the workers fail more than `ray.max_failures` times."""
+    starts, TrainingFailed when the workers fail more than `ray.max_failures` times, or
+    once with an error a restart would meet again (ddetr_dist.dist.failures)."""
     check_training_config(cfg)
+    check_model(cfg)
+    check_backbone_weights(cfg)
     check_data(cfg)
     run_dir = run_dir_of(cfg)
     started_ray = connect_ray(cfg)
@@ -158,14 +205,16 @@ def torch_config(use_gpu: bool):
 
 def build_torch_trainer(cfg: Config, run_dir: Path, use_gpu: bool, callbacks: tuple = ()):
     """The Ray Train `TorchTrainer` of one run: `cfg.ray.num_workers` workers running the
-    DeepSpeed loop, Ray's storage = the run directory. Tune trials build theirs here too."""
+    DeepSpeed loop, Ray's storage = the run directory. Tune trials build theirs here too.
+    A worker error a restart would meet again ends the run at once; other failures restart
+    the workers up to `ray.max_failures` times (ddetr_dist.dist.failures)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
+    from ddetr_dist.dist.failures import FailFastTorchTrainer
     from ddetr_dist.dist.worker import train_loop_per_worker
 
     r = cfg.ray
-    return TorchTrainer(
+    return FailFastTorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "run_id": uuid.uuid4().hex[:8],
                            "cwd": os.getcwd(), "progress_bars": sys.stderr.isatty()},
@@ -178,7 +227,14 @@ def build_torch_trainer(cfg: Config, run_dir: Path, use_gpu: bool, callbacks: tu
 
 
 def _fit(cfg: Config, run_dir: Path, use_gpu: bool) -> None:
+    from ddetr_dist.dist.failures import deterministic_failures
+
     try:
         build_torch_trainer(cfg, run_dir, use_gpu).fit()
     except Exception as e:  # Ray wraps the workers' error: keep its message, drop Ray's frames
+        deterministic = deterministic_failures(e)
+        if deterministic:  # the workers' own words, not Ray's tracebacks (they are in the log above)
+            first = deterministic[0]
+            raise TrainingFailed(f"training run {run_dir} failed, not retried (a restart would fail the same "
+                                 f"way): {type(first).__name__}: {first}") from e
         raise TrainingFailed(f"training run {run_dir} failed: {e}") from e

@@ -34,8 +34,8 @@ from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config, ConfigError, check_training_config, config_from_dict, config_to_yaml, \
     load_config, save_config, to_dict
 from ddetr_dist.dist.sweep_file import Sweep, apply_resources, copy_raw, plain, tune_search_space, with_values
-from ddetr_dist.dist.trainer import build_torch_trainer, check_data, check_resources, connect_ray, run_dir_of, \
-    write_run_files
+from ddetr_dist.dist.trainer import build_torch_trainer, check_backbone_weights, check_data, check_model, \
+    check_resources, connect_ray, run_dir_of, write_run_files
 
 log = logging.getLogger("ddetr_dist.tune")
 RESULTS_CSV = "results.csv"
@@ -101,6 +101,7 @@ def run_trial(params: dict, *, base: dict, sweep_dir: str, driver_cwd: str, use_
         os.chdir(driver_cwd)
     name = f"trial_{tune.get_context().get_trial_id()}"
     cfg = trial_config(config_from_dict(base), params, name, sweep_dir)
+    check_model(cfg)  # this trial's values (the sweep checked the base's): the trial fails, not its workers
     run_dir = run_dir_of(cfg)
     write_run_files(cfg, run_dir)
     build_torch_trainer(cfg, run_dir, use_gpu, callbacks=(TuneReportCallback(),)).fit()
@@ -216,6 +217,8 @@ def run_sweep(base: Config, sweep: Sweep, retry_errored: bool = False) -> SweepR
     Raises ConfigError before any trial starts."""
     trial_base = apply_resources(base, sweep.resources)
     check_training_config(trial_base)
+    check_model(trial_base)
+    check_backbone_weights(trial_base)
     check_data(trial_base)
     sweep_dir = sweep_dir_of(base, sweep)
     started_ray = connect_ray(trial_base)

@@ -21,6 +21,7 @@ import torch
 
 from ddetr_dist.config import Config, config_from_dict
 from ddetr_dist.dist import comm
+from ddetr_dist.errors import InputNotFoundError
 
 
 class RayCheckpointer:
@@ -76,6 +77,18 @@ def check_shared_storage(run_dir: Path) -> None:
             "the same path on every node (NFS, Lustre, EFS, a ReadWriteMany volume)")
 
 
+def check_inputs(cfg: Config) -> None:
+    """The input files this node reads at the start are here (the driver checked its own
+    files; on a cluster, this node's may differ). A missing one ends the run at once: a
+    restart would not find it either."""
+    weights = cfg.model.backbone_weights
+    if weights and not Path(weights).is_file():
+        raise InputNotFoundError(
+            f"config key 'model.backbone_weights' = {weights!r}: no such file on node {socket.gethostname()} "
+            f"(in {os.getcwd()}). On a cluster, every node needs it at that path (a shared file system), "
+            "or '' trains the backbone from scratch")
+
+
 def ray_progress_bar(total: int, initial: int, desc: str):
     """A bar that survives Ray's log streaming (drawn by the driver in its terminal)."""
     from ray.experimental.tqdm_ray import tqdm as ray_tqdm
@@ -106,6 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg: Config = config_from_dict(loop_config["config"])
     enter_driver_directory(loop_config["cwd"])
     check_shared_storage(Path(loop_config["run_dir"]))
+    check_inputs(cfg)
     torch.set_num_threads(cfg.ray.cpus_per_worker)
     device = ray.train.torch.get_device()
     if device.type == "cuda":

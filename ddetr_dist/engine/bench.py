@@ -8,12 +8,19 @@
 Each path runs `--steps` optimizer steps of warm-up (op build, allocator, loader start),
 then is timed over `--steps` more (the second of two equal log windows). The one-process paths use every core the Ray workers share.
 Target: DeepSpeed's overhead over the plain loop below 10% (ratio (b)/(a) above 0.90).
+
+With `--synthetic HxW` only (a) runs, on the GPU when there is one, on random HxW images
+with random boxes (no shards, no decoding: the model's speed and memory alone), under
+`train.precision`'s autocast; it also prints the peak GPU memory. `make gpu-check` runs
+  ddetr bench train --config configs/base.yaml --steps 15 --synthetic 800x1333 train.precision=bf16 ...
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import itertools
+import json
 import os
 import socket
 import tempfile
@@ -25,12 +32,19 @@ import torch
 from ddetr_dist.config import Config, load_config
 
 PHASES = ("data", "forward", "backward", "allreduce", "optimizer")
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
+OBJECTS_PER_IMAGE = 7  # of a synthetic image: about COCO's mean
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"))
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per path (as many warm up first)")
     parser.add_argument("--no-ray", action="store_true", help="skip (c), the Ray path")
+    parser.add_argument("--synthetic", metavar="HxW", type=image_size, default=None,
+                        help="only (a), on random HxW images (e.g. 800x1333; no shards needed), on the GPU "
+                             "when there is one; also prints the peak GPU memory")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the measured rows to PATH as JSON (make gpu-check reads it)")
     parser.add_argument("overrides", nargs="*", default=[], help="section.key=value config overrides")
 
 
@@ -40,46 +54,105 @@ class Measured:
     images_per_s: float
     step_s: float
     phases: dict  # phase -> seconds per step
+    peak_gpu_memory_gb: float | None = None  # torch's max_memory_allocated over the whole path (GiB)
 
 
-def plain_loop(cfg: Config, steps: int) -> Measured:
-    """(a): what a user would write without DeepSpeed or Ray."""
+def image_size(text: str) -> tuple[int, int]:
+    """'800x1333' -> (800, 1333): height x width."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 800x1333, got {text!r}") from None
+    if height < 32 or width < 32:  # the backbone downsamples 32x
+        raise argparse.ArgumentTypeError(f"images must be at least 32x32, got {text!r}")
+    return height, width
+
+
+def synthetic_batches(cfg: Config, size: tuple[int, int], device: torch.device, distinct: int = 2):
+    """Random normalised images of `size` (no padding), each with OBJECTS_PER_IMAGE random
+    boxes, made once on `device` and repeated: the steps then time the model alone."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batch_size, (height, width) = cfg.data.batch_size, size
+    batches = []
+    for _ in range(distinct):
+        images = torch.randn(batch_size, 3, height, width, generator=generator)
+        targets = []
+        for _ in range(batch_size):
+            centres = 0.2 + 0.6 * torch.rand(OBJECTS_PER_IMAGE, 2, generator=generator)
+            sizes = 0.05 + 0.3 * torch.rand(OBJECTS_PER_IMAGE, 2, generator=generator)
+            labels = torch.randint(1, cfg.model.num_classes, (OBJECTS_PER_IMAGE,), generator=generator)
+            targets.append({"labels": labels.to(device), "boxes": torch.cat([centres, sizes], -1).to(device)})
+        batches.append((images.to(device), torch.zeros(batch_size, height, width, dtype=torch.bool, device=device),
+                        targets))
+    return itertools.cycle(batches)
+
+
+def plain_loop(cfg: Config, steps: int, batches=None, device: torch.device = torch.device("cpu")) -> Measured:
+    """(a): what a user would write without DeepSpeed or Ray: `train.precision`'s autocast
+    around the forward (losses in fp32, as the engine computes them), a GradScaler for fp16.
+    `batches`: an iterator of (images, padding_mask, targets); default the train loader."""
     from ddetr_dist.data import build_train_loader
+    from ddetr_dist.engine.evaluate import outputs_to_float
     from ddetr_dist.engine.optim import build_optimizer
     from ddetr_dist.models import build_model
 
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg.seed)
     model, criterion, _ = build_model(cfg)
+    model.to(device)
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
-    loader = build_train_loader(dataclasses.replace(cfg.data, samples_per_epoch=10 ** 6), seed=cfg.seed,
-                                rank=0, world_size=1)
+    if batches is None:
+        batches = build_train_loader(dataclasses.replace(cfg.data, samples_per_epoch=10 ** 6), seed=cfg.seed,
+                                     rank=0, world_size=1, pin_memory=cuda)
+    autocast_dtype = AUTOCAST.get(cfg.train.precision)
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+
+    def now() -> float:  # CUDA runs asynchronously: wait for the GPU before reading the clock
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     model.train()
     times = dict.fromkeys(PHASES, 0.0)
-    images, start, tick = 0, 0.0, time.perf_counter()
+    images, start, tick = 0, 0.0, now()
     warmup = steps
-    for step, (batch, mask, targets) in enumerate(loader):
+    for step, (batch, mask, targets) in enumerate(batches):
         if step == warmup:
-            times, images, start = dict.fromkeys(PHASES, 0.0), 0, time.perf_counter()
+            times, images, start = dict.fromkeys(PHASES, 0.0), 0, now()
             tick = start
-        t0 = time.perf_counter()
-        losses = criterion(model(batch, mask), targets)
+        batch, mask = batch.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        targets = [{k: v.to(device) for k, v in target.items()} for target in targets]
+        t0 = now()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs = model(batch, mask)
+        losses = criterion(outputs_to_float(outputs), targets)
         loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
-        t1 = time.perf_counter()
+        t1 = now()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t2 = time.perf_counter()
+        (scaler.scale(loss) if scaler else loss).backward()
+        t2 = now()
+        if scaler:
+            scaler.unscale_(optimizer)  # clip the true gradients
         if cfg.optim.clip_max_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
-        optimizer.step()
-        t3 = time.perf_counter()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        t3 = now()
         for phase, dt in zip(("data", "forward", "backward", "optimizer"), (t0 - tick, t1 - t0, t2 - t1, t3 - t2)):
             times[phase] += dt
         images += len(targets)
-        tick = time.perf_counter()
+        tick = now()
         if step + 1 == warmup + steps:
             break
-    wall = time.perf_counter() - start
-    return Measured("(a) plain PyTorch, 1 process", images / wall, wall / steps, {k: v / steps for k, v in times.items()})
+    wall = now() - start
+    return Measured("(a) plain PyTorch, 1 process", images / wall, wall / steps,
+                    {k: v / steps for k, v in times.items()},
+                    torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None)
 
 
 @contextlib.contextmanager
@@ -156,10 +229,37 @@ def print_table(rows: list[Measured]) -> None:
         print(f"\nDeepSpeed overhead target (every (b) >= 0.90 x (a)): {verdict} (worst {worst:.2f})")
     print("phases: seconds per optimizer step of one worker (rank 0); allreduce is DeepSpeed's gradient "
           "reduction at the step boundary, a part of backward")
+    for r in rows:
+        if r.peak_gpu_memory_gb is not None:
+            print(f"peak GPU memory of {r.name}: {r.peak_gpu_memory_gb:.2f} GiB (torch.cuda.max_memory_allocated)")
+
+
+def write_json(path: str, args: argparse.Namespace, cfg: Config, rows: list[Measured], **extra) -> None:
+    with open(path, "w") as f:
+        json.dump({"config": args.config, "overrides": args.overrides, "steps": args.steps,
+                   "batch_size": cfg.data.batch_size, "precision": cfg.train.precision, **extra,
+                   "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+
+
+def run_synthetic(cfg: Config, args: argparse.Namespace) -> int:
+    """`--synthetic HxW`: (a) alone, on the GPU when there is one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    height, width = args.synthetic
+    print(f"bench train: {args.config}, synthetic {height}x{width} images, batch {cfg.data.batch_size}, "
+          f"{cfg.train.precision}, {where}; {args.steps} warm-up + {args.steps} timed steps")
+    row = plain_loop(cfg, args.steps, synthetic_batches(cfg, args.synthetic, device), device)
+    row.name = f"(a) plain PyTorch, {device.type}, {height}x{width}"
+    print_table([row])
+    if args.json:
+        write_json(args.json, args, cfg, [row], synthetic=[height, width], device=where)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.synthetic:
+        return run_synthetic(cfg, args)
     threads = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the one-process paths get the cores the Ray workers share
@@ -174,4 +274,6 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_ray:
             rows.append(ray_path(cfg, args.steps, Path(tmp)))
     print_table(rows)
+    if args.json:
+        write_json(args.json, args, cfg, rows)
     return 0

@@ -37,7 +37,8 @@ class FolderCheckpointer:
 
     @contextlib.contextmanager
     def latest(self) -> Iterator[Optional[Path]]:
-        done = self._complete()
+        # rank 0 picks: ranks listing a shared folder on their own may see different newest ones
+        done = comm.decided_by_rank_0(self._complete)
         yield done[-1] if done else None
 
     def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:

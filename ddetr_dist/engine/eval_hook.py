@@ -10,6 +10,7 @@ from ddetr_dist.atomic import atomic_open
 from ddetr_dist.dist import comm
 from ddetr_dist.engine.evaluate import REPORTED, evaluate, ground_truth
 from ddetr_dist.engine.pictures import PredictionPictures
+from ddetr_dist.engine.train_state import average_batchnorm_statistics
 
 log = logging.getLogger("ddetr_dist.train")
 EVAL_DIR = "eval"
@@ -27,8 +28,11 @@ class EvalHook:
         self.last_step: int | None = None
 
     def done_at(self, trainer, step: int) -> bool:
-        """Evaluated at `step` already (in this process or before a resume)."""
-        return self.last_step == step or (trainer.run_dir / EVAL_DIR / f"{step:08d}" / "metrics.json").exists()
+        """Evaluated at `step` already (in this process, or before a resume: rank 0 looks and
+        tells the others, since the evaluation that follows is collective)."""
+        if self.last_step == step:
+            return True
+        return comm.decided_by_rank_0(lambda: (trainer.run_dir / EVAL_DIR / f"{step:08d}" / "metrics.json").exists())
 
     def due(self, trainer, finished_epoch: int) -> bool:
         every = trainer.cfg.train.eval_every_epochs
@@ -39,6 +43,7 @@ class EvalHook:
         p, cfg = trainer.progress, trainer.cfg
         out_dir = trainer.run_dir / EVAL_DIR / f"{p.step:08d}"
         module = trainer.engine.module
+        average_batchnorm_statistics(module)
         result = evaluate(module, trainer.criterion, trainer.postprocess, cfg, trainer.device, out_dir, self.gt,
                           progress=trainer.rank == 0, lockstep=cfg.train.zero_stage == 3)
         picture = self.pictures.render(module, trainer.postprocess, trainer.device) if self.pictures else None

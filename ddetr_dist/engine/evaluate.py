@@ -126,8 +126,7 @@ def run_detection(model, criterion, postprocess, loader, device, progress: bool,
 
     model.eval()
     if lockstep:
-        most = comm.all_reduce_max(torch.tensor([float(len(loader))]))
-        batches_left = int(most.item())
+        batches_left = int(comm.all_reduce_max(len(loader)))
     detections: list[dict] = []
     loss_sum, images_seen = 0.0, 0
     for images, padding_mask, targets in tqdm(loader, desc="eval", disable=not progress, mininterval=2,
@@ -202,7 +201,7 @@ def evaluate(model, criterion, postprocess, cfg: Config, device, out_dir: Path, 
     loader = build_eval_loader(cfg.data, pin_memory=device.type == "cuda")
     detections, loss_sum, images = run_detection(model, criterion, postprocess, loader, device,
                                                  progress and comm.get_rank() == 0, lockstep)
-    totals = comm.all_reduce_sum(torch.tensor([loss_sum, float(images)], dtype=torch.float64))
+    loss_total, images_total = comm.all_reduce_sum([loss_sum, images])
     gathered = comm.gather_object(detections)
     del detections
     result = None
@@ -214,7 +213,7 @@ def evaluate(model, criterion, postprocess, cfg: Config, device, out_dir: Path, 
         atomic_write_bytes(detections_file, json.dumps([d for part in gathered for d in part]).encode())
         del gathered
         metrics, per_category = score(gt if gt is not None else ground_truth(cfg), detections_file)
-        metrics.update({"val_loss": float(totals[0] / max(totals[1], 1)), "images": int(totals[1]),
+        metrics.update({"val_loss": loss_total / max(images_total, 1), "images": int(images_total),
                         "detections": count, "eval_seconds": round(time.perf_counter() - start, 1)})
         result = EvalResult(metrics, per_category, out_dir)
         atomic_write_bytes(out_dir / "metrics.json",

@@ -3,27 +3,29 @@ of the train shards, checkpoints through a `Checkpointer` (Ray's, or a folder of
 directory without Ray), and metrics through `MetricsLog`.
 
 It knows nothing of Ray: `ddetr_dist.dist.worker` runs it inside a Ray Train worker, the
-benchmark in one plain process. Each step:
+benchmark in one plain process. Each optimizer step takes a window of `train.grad_accum`
+batches through `WindowStep` (engine/step.py: forward, losses, backward and DeepSpeed's
+step for each, and the rules for non-finite losses, gradients and fp16 overflows); here
+the step is counted, logged and checkpointed, and `train.max_bad_steps` bad steps in a row
+abort the run with advice.
 
-    batch -> forward (autocast) -> losses -> all ranks agree the loss is finite
-          -> engine.backward -> (at the accumulation boundary) gradients finite? -> engine.step
-
-A non-finite loss or gradient on any rank skips the step on all ranks (an all-reduce
-decides, so no rank waits in a collective the others skipped); `train.max_bad_steps` in a
-row abort the run with advice.
+Run-level decisions that precede a collective (resume from which checkpoint and how,
+evaluate or not) are taken on rank 0 and broadcast: ranks reading files on their own can
+disagree (NFS) and leave one waiting in a collective the others skipped.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
 import os
+import random
 import time
-from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ddetr_dist.atomic import atomic_open, atomic_write_bytes
@@ -33,11 +35,12 @@ from ddetr_dist.dist import comm
 from ddetr_dist.engine import train_state
 from ddetr_dist.engine.checkpointers import Checkpointer
 from ddetr_dist.engine.eval_hook import EvalHook
-from ddetr_dist.engine.evaluate import outputs_to_float
 from ddetr_dist.engine.metrics import MetricsLog, memory_usage
 from ddetr_dist.engine.optim import build_optimizer, set_learning_rates
 from ddetr_dist.engine.tensorboard import TensorBoardSink, flat_hparams
+from ddetr_dist.engine.step import StepResult, StepTimes, WindowStep, install_loss_scaler
 from ddetr_dist.engine.train_state import Progress
+from ddetr_dist.errors import NotRetryable
 from ddetr_dist.models import build_model
 from ddetr_dist.models.build import variant_of
 from ddetr_dist.models.convert import METADATA_KEY
@@ -47,11 +50,13 @@ CHECKPOINT_REQUEST = "CHECKPOINT_NOW"  # a file whose presence asks for a checkp
 FINAL_MODEL = "model_final.pth"
 FINAL_METRICS = "final_metrics.json"
 # Fault injection for tests: "STEP[,STEP...][@RANK]" makes the loss non-finite at those
-# optimizer steps (0-based) on RANK (default: every rank).
+# optimizer steps (0-based) on RANK (default: every rank); the overflow variant multiplies
+# the loss by 2**100 at those steps, which overflows fp16 gradients at any loss scale > 1.
 INJECT_NONFINITE_ENV = "DDETR_INJECT_NONFINITE_LOSS"
+INJECT_OVERFLOW_ENV = "DDETR_INJECT_FP16_OVERFLOW"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NotRetryable):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
@@ -59,34 +64,8 @@ class NonFiniteLossError(RuntimeError):
 ProgressBar = Callable[..., object]
 
 
-@dataclass
-class StepTimes:
-    """Seconds spent in each phase since the last log line (this rank)."""
-
-    data: float = 0.0
-    forward: float = 0.0
-    backward: float = 0.0  # includes the gradient all-reduce
-    optimizer: float = 0.0
-    allreduce: float = 0.0  # DeepSpeed's gradient reduction at the boundary (a part of backward)
-    images: int = 0
-    micro_steps: int = 0  # with a finite loss
-    optimizer_steps: int = 0
-    losses: dict = field(default_factory=dict)
-
-    @property
-    def total(self) -> float:
-        return self.data + self.forward + self.backward + self.optimizer
-
-    def add(self, other: "StepTimes") -> None:
-        for name in ("data", "forward", "backward", "optimizer", "allreduce", "images", "micro_steps",
-                     "optimizer_steps"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for key, value in other.losses.items():
-            self.losses[key] = self.losses.get(key, 0.0) + value
-
-
-def _injected_nonfinite_steps() -> set[int]:
-    spec = os.environ.get(INJECT_NONFINITE_ENV, "")
+def _injected_steps(env: str) -> set[int]:
+    spec = os.environ.get(env, "")
     if not spec:
         return set()
     steps, _, rank = spec.partition("@")
@@ -95,12 +74,10 @@ def _injected_nonfinite_steps() -> set[int]:
     return {int(s) for s in steps.split(",") if s}
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
-    """The global L2 norm of the (already all-reduced) gradients: NaN/inf if any is."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
 
 
 class Trainer:
@@ -119,80 +96,85 @@ class Trainer:
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
         self.metrics = MetricsLog(self.run_dir, enabled=self.rank == 0)
         self.progress_bar = progress_bar  # None: log lines only
-        self.progress = Progress(world_size=self.world_size, zero_stage=cfg.train.zero_stage)
-        self.nonfinite_at = _injected_nonfinite_steps()
-        self._step_bad = False  # a micro-step of the current optimizer step had a non-finite loss
+        self.nonfinite_at = _injected_steps(INJECT_NONFINITE_ENV)
+        self.overflow_at = _injected_steps(INJECT_OVERFLOW_ENV)
         self._last_saved_step: int | None = None
         self.lrs: dict[str, float] = {}
-        self.grad_norm: float | None = None  # of the last step (DeepSpeed's, before clipping)
+        self.last_step = StepResult(applied=False)
+        self.ds_config = deepspeed_config(cfg, self.world_size)  # refuses what DeepSpeed cannot do
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model, self.criterion, self.postprocess = build_model(cfg)
+        # from here on each rank draws its own numbers (dropout masks): seed + rank, as the
+        # official code does; DeepSpeed broadcasts rank 0's weights anyway
+        _seed_everything(cfg.seed + self.rank)
         self.loader = build_train_loader(cfg.data, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
                                          pin_memory=self.device.type == "cuda")
         self.batches_per_epoch = len(self.loader)
         self.steps_per_epoch = max(1, self.batches_per_epoch // cfg.train.grad_accum)
         self.total_steps = cfg.train.max_steps or cfg.optim.epochs * self.steps_per_epoch
+        self.progress = Progress(world_size=self.world_size, zero_stage=cfg.train.zero_stage,
+                                 batches_per_epoch=self.batches_per_epoch,
+                                 data_order=train_state.data_order(cfg, self.loader.shards))
 
         with checkpointer.latest() as resume_dir:
+            saved, changed = comm.decided_by_rank_0(lambda: self._plan_resume(resume_dir))
             portable = None
-            if resume_dir is not None:
-                saved = Progress.read(resume_dir)
-                train_state.check_complete(resume_dir, saved)
-                exact = train_state.can_resume_exactly(saved, self.world_size, cfg.train.zero_stage)
-                if not exact:
-                    portable = train_state.load_portable_model(resume_dir, model)
+            if saved is not None and changed:
+                portable = train_state.load_portable_model(resume_dir, model)
             model.to(self.device)
             self.optimizer = build_optimizer(model, cfg.optim, cfg.model)
-            self.ds_config = deepspeed_config(cfg, self.world_size)
             self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
                                                    dist_init_required=False)
-            if resume_dir is not None:
-                self._resume(resume_dir, saved, exact, portable)
+            self.loss_scaler = install_loss_scaler(self.engine, self.device, cfg.train.loss_scale_power,
+                                                   cfg.train.loss_scale_window) \
+                if cfg.train.precision == "fp16" else None
+            if saved is not None:
+                self._resume(resume_dir, saved, changed, portable)
             else:  # a group restarted before any checkpoint was registered starts over: so does its log
                 self.metrics.truncate_after(0)
-        self._time_allreduce()
+        self.stepper = WindowStep(self.engine, self.criterion, self.device, cfg.train.zero_stage, self.loss_scaler)
         # after a resume, TensorBoard drops what was logged after the checkpoint (it is redone)
         self.tensorboard = TensorBoardSink(self.run_dir, purge_step=self.progress.step + 1) if self.rank == 0 else None
         if self.tensorboard is not None:
             self.metrics.sinks.append(self.tensorboard)
         self.eval_hook = EvalHook(self)
 
-    def _time_allreduce(self) -> None:
-        """Wrap DeepSpeed's boundary gradient reduction to time it (one clock read each)."""
-        reduce = self.engine.allreduce_gradients
-        self._allreduce_s = 0.0
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return reduce(*args, **kwargs)
-            finally:
-                self._allreduce_s += time.perf_counter() - start
-
-        self.engine.allreduce_gradients = timed
-
     # ------------------------------------------------------------------ resume
 
-    def _resume(self, resume_dir: Path, saved: Progress, exact: bool, portable: dict | None) -> None:
-        if exact:
+    def _plan_resume(self, resume_dir: Path | None) -> tuple[Progress | None, list[str]]:
+        """(On rank 0.) The checkpoint's progress, after checking every rank's part is there,
+        and what changed since in what decides the sample order ([] = resume exactly)."""
+        if resume_dir is None:
+            return None, []
+        saved = Progress.read(resume_dir)
+        train_state.check_complete(resume_dir, saved)
+        return saved, train_state.order_changes(saved, self.progress)
+
+    def _resume(self, resume_dir: Path, saved: Progress, changed: list[str], portable: dict | None) -> None:
+        k = self.cfg.train.grad_accum
+        if not changed:
             train_state.restore(resume_dir, self.engine, saved)
             batches_in_epoch = saved.batches_in_epoch
         else:
             train_state.load_portable_optimizer(portable, self.engine, self.optimizer, self.cfg.train.zero_stage)
-            # the data split depends on the world size: continue the epoch at the same
-            # fraction (the exact sample order of the old world cannot be re-cut)
-            batches_in_epoch = round(saved.batches_in_epoch * saved.world_size / self.world_size)
-            log.warning("resuming a checkpoint of %d worker(s), ZeRO-%d with %d worker(s), ZeRO-%d: loaded its "
-                        "world-size-free form; the data order of the rest of epoch %d differs from the old run's",
-                        saved.world_size, saved.zero_stage, self.world_size, self.cfg.train.zero_stage, saved.epoch)
-        self.progress = Progress(step=saved.step, epoch=saved.epoch, batches_in_epoch=batches_in_epoch,
-                                 skipped_steps=saved.skipped_steps, bad_steps_in_a_row=saved.bad_steps_in_a_row,
-                                 samples_seen=saved.samples_seen, world_size=self.world_size,
-                                 zero_stage=self.cfg.train.zero_stage)
+            # the data order of the old run cannot be replayed: continue the epoch at the same
+            # fraction, on a step boundary
+            fraction = saved.batches_in_epoch / (saved.batches_per_epoch or
+                                                 self.batches_per_epoch * self.world_size / saved.world_size)
+            batches_in_epoch = min(k * int(fraction * self.batches_per_epoch / k), self.batches_per_step_epoch)
+            log.warning("resuming %s from its world-size-free form, not exactly: %s changed; the order of the "
+                        "samples in the rest of epoch %d differs from the old run's", resume_dir, "; ".join(changed),
+                        saved.epoch)
+        if self.loss_scaler is not None and saved.loss_scaler:
+            self.loss_scaler.load_state_dict(saved.loss_scaler)
+        self.progress = dataclasses.replace(
+            self.progress, step=saved.step, epoch=saved.epoch, batches_in_epoch=batches_in_epoch,
+            skipped_steps=saved.skipped_steps, overflow_steps=saved.overflow_steps,
+            bad_steps_in_a_row=saved.bad_steps_in_a_row, samples_seen=saved.samples_seen)
         self.metrics.truncate_after(saved.step)
         self.metrics.emit({"event": "resume", "step": saved.step, "epoch": saved.epoch, "from": str(resume_dir),
-                           "exact": exact, "from_world_size": saved.world_size})
+                           "exact": not changed, "changed": changed, "from_world_size": saved.world_size})
 
     # ------------------------------------------------------------------ the loop
 
@@ -216,7 +198,7 @@ class Trainer:
         self.save_final_model()
         if self.rank == 0:
             summary = {"step": p.step, "epoch": p.epoch, "skipped_steps": p.skipped_steps,
-                       "samples_seen": p.samples_seen, "eval": final}
+                       "overflow_steps": p.overflow_steps, "samples_seen": p.samples_seen, "eval": final}
             atomic_write_bytes(self.run_dir / FINAL_METRICS, json.dumps(summary, indent=1).encode())
         if self.tensorboard is not None:
             self.tensorboard.add_hparams(flat_hparams(self.cfg), final or {"step": p.step})
@@ -236,7 +218,7 @@ class Trainer:
                                 desc=f"epoch {p.epoch}") if self.rank == 0 and self.progress_bar else None
         epoch = StepTimes()
         try:
-            self._run_batches(bar, epoch)
+            self._run_steps(bar, epoch)
         finally:
             if bar is not None:
                 bar.close()
@@ -246,98 +228,66 @@ class Trainer:
                      epoch.images * self.world_size / max(epoch.total, 1e-9), epoch.total,
                      100 * epoch.data / max(epoch.total, 1e-9), p.skipped_steps)
 
-    def _run_batches(self, bar, epoch: StepTimes) -> None:
+    def _run_steps(self, bar, epoch: StepTimes) -> None:
         p, t = self.progress, self.cfg.train
         times = StepTimes()
-        tick = time.perf_counter()
-        for images, padding_mask, targets in self.loader:
-            times.data += time.perf_counter() - tick
-            self._forward_backward(images, padding_mask, targets, times)
-            p.batches_in_epoch += 1
-            times.images += len(targets)
-            if bar is not None:
-                bar.update(1)
-            if p.batches_in_epoch % t.grad_accum == 0:
-                self._optimizer_step(times)
-                if p.step % t.log_every_steps == 0 or p.step == self.total_steps:
-                    self._log(times, bar)
-                    epoch.add(times)
-                    times = StepTimes()
-                if p.step >= self.total_steps or p.batches_in_epoch >= self.batches_per_step_epoch:
-                    break
-                if (t.checkpoint_every_steps and p.step % t.checkpoint_every_steps == 0) or self._checkpoint_requested():
-                    self.save_checkpoint({})
+        batches = iter(self.loader)
+        while p.step < self.total_steps and p.batches_in_epoch < self.batches_per_step_epoch:
             tick = time.perf_counter()
+            window = list(islice(batches, t.grad_accum))
+            times.data += time.perf_counter() - tick
+            if len(window) < t.grad_accum:
+                break  # the loader ended early (it yields whole epochs of whole steps)
+            self._optimizer_step(window, times)
+            p.batches_in_epoch += len(window)
+            if bar is not None:
+                bar.update(len(window))
+            if p.step % t.log_every_steps == 0 or p.step == self.total_steps:
+                self._log(times, bar)
+                epoch.add(times)
+                times = StepTimes()
+            at_end = p.step >= self.total_steps or p.batches_in_epoch >= self.batches_per_step_epoch
+            if not at_end and ((t.checkpoint_every_steps and p.step % t.checkpoint_every_steps == 0)
+                               or self._checkpoint_requested()):
+                self.save_checkpoint({})
         epoch.add(times)
 
-    def _forward_backward(self, images, padding_mask, targets, times: StepTimes) -> None:
-        p = self.progress
-        images, padding_mask = images.to(self.device, non_blocking=True), padding_mask.to(self.device, non_blocking=True)
-        targets = [{k: v.to(self.device) for k, v in tgt.items()} for tgt in targets]
-        t0 = time.perf_counter()
-        outputs = self.engine(images, padding_mask)  # DeepSpeed applies train.precision's autocast
-        # losses in fp32: the matcher's costs and the focal loss are not safe in bf16/fp16
-        outputs = outputs_to_float(outputs)
-        losses = self.criterion(outputs, targets)
-        weights = self.criterion.weight_dict
-        loss = sum(losses[k] * weights[k] for k in losses if k in weights)
-        if p.step in self.nonfinite_at:
-            loss = loss * float("nan")
-        t1 = time.perf_counter()
-        times.forward += t1 - t0
-        loss_finite = not comm.any_rank(not bool(torch.isfinite(loss)))
-        if loss_finite:
-            reduced_before = self._allreduce_s
-            self.engine.backward(loss)
-            times.allreduce += self._allreduce_s - reduced_before
-            for k in ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"):
-                if k in losses:
-                    times.losses[k] = times.losses.get(k, 0.0) + float(losses[k].detach())
-            times.losses["loss"] = times.losses.get("loss", 0.0) + float(loss.detach())
-            times.micro_steps += 1
-        self._step_bad = self._step_bad or not loss_finite
-        times.backward += time.perf_counter() - t1
+    def _window_num_boxes(self, window: list) -> float:
+        """The loss normaliser of every micro-batch in the window: the mean number of target
+        boxes per micro-batch over the window's micro-batches on all ranks."""
+        boxes = sum(len(t["labels"]) for _, _, targets in window for t in targets)
+        return comm.all_reduce_sum([boxes])[0] / (self.world_size * len(window))
 
-    def _optimizer_step(self, times: StepTimes) -> None:
-        """At the accumulation boundary: the optimizer step, unless a loss or gradient of
-        this step was non-finite on any rank."""
+    def _optimizer_step(self, window: list, times: StepTimes) -> None:
         p, t = self.progress, self.cfg.train
-        t0 = time.perf_counter()
         self.lrs = set_learning_rates(self.optimizer, self.cfg.optim, p.step, p.epoch)
-        bad = self._step_bad
-        if t.zero_stage == 0 and not bad:
-            # DeepSpeed without ZeRO would apply a NaN gradient (and reports no norm): look first
-            self.grad_norm = _grad_norm(self.engine.module)
-            bad = comm.any_rank(not math.isfinite(self.grad_norm))
-        if bad:
-            self.engine.zero_grad()
-        else:
-            self.engine.step()
-            if t.zero_stage > 0:
-                # under ZeRO, DeepSpeed itself skips a step whose global gradient norm is not finite
-                norm = self.engine.get_global_grad_norm()
-                self.grad_norm = None if norm is None else float(norm)
-                bad = self.grad_norm is not None and not math.isfinite(self.grad_norm)
-        self._step_bad = False
-        times.optimizer += time.perf_counter() - t0
-        times.optimizer_steps += 1
+        poison = set(range(len(window))) if p.step in self.nonfinite_at else set()
+        result = self.stepper.run(window, self._window_num_boxes(window), times, poison,
+                                  loss_factor=2.0 ** 100 if p.step in self.overflow_at else 1.0)
+        self.last_step = result
         p.step += 1
         p.samples_seen += self.cfg.data.batch_size * t.grad_accum * self.world_size
-        if bad:
-            p.skipped_steps += 1
-            p.bad_steps_in_a_row += 1
-            log.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row, %d in all)",
-                        p.step - 1, p.bad_steps_in_a_row, p.skipped_steps)
-            self.metrics.emit({"event": "skipped_step", "step": p.step, "epoch": p.epoch,
-                               "skipped_steps": p.skipped_steps})
-            if p.bad_steps_in_a_row >= t.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{p.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient (train.max_bad_steps="
-                    f"{t.max_bad_steps}), last at step {p.step - 1}. Try a lower optim.lr, optim.warmup_steps > 0, "
-                    "optim.clip_max_norm > 0, train.precision=fp32 (bf16/fp16 overflow), and check the data "
-                    "(boxes of zero size, wrong category ids).")
-        else:
+        if result.applied:
             p.bad_steps_in_a_row = 0
+            return
+        p.skipped_steps += 1
+        if result.overflow:
+            p.overflow_steps += 1
+            log.info("step %d skipped: fp16 gradients overflowed; loss scale now %g", p.step - 1, result.loss_scale)
+            self.metrics.emit({"event": "skipped_step", "step": p.step, "epoch": p.epoch, "reason": "fp16 overflow",
+                               "loss_scale": result.loss_scale, "skipped_steps": p.skipped_steps})
+            return
+        p.bad_steps_in_a_row += 1
+        log.warning("step %d skipped on every rank: non-finite loss or gradient (%d in a row, %d in all)",
+                    p.step - 1, p.bad_steps_in_a_row, p.skipped_steps)
+        self.metrics.emit({"event": "skipped_step", "step": p.step, "epoch": p.epoch, "reason": "non-finite",
+                           "skipped_steps": p.skipped_steps})
+        if p.bad_steps_in_a_row >= t.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{p.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient (train.max_bad_steps="
+                f"{t.max_bad_steps}), last at step {p.step - 1}. Try a lower optim.lr, optim.warmup_steps > 0, "
+                "optim.clip_max_norm > 0, train.precision=fp32 (bf16/fp16 overflow), and check the data "
+                "(boxes of zero size, wrong category ids).")
 
     def _log(self, times: StepTimes, bar=None) -> None:
         p = self.progress
@@ -355,8 +305,10 @@ class Trainer:
                   "time_allreduce": times.allreduce,
                   "skipped_steps": p.skipped_steps, "skipped_samples": self.loader.skips.total,
                   **memory_usage(self.device)}
-        if self.grad_norm is not None:
-            record["grad_norm"] = self.grad_norm
+        if self.last_step.grad_norm is not None:  # of the last step taken, unscaled, before clipping
+            record["grad_norm"] = self.last_step.grad_norm
+        if self.loss_scaler is not None:
+            record.update(loss_scale=self.loss_scaler.get_scale(), overflow_steps=p.overflow_steps)
         weights = self.criterion.weight_dict
         record.update({f"{k}_weighted": record[k] * weights[k] for k in list(record) if k in weights})
         self.metrics.emit(record)
@@ -391,6 +343,7 @@ class Trainer:
 
     def save_checkpoint(self, metrics: dict) -> None:
         p = self.progress
+        p.loss_scaler = self.loss_scaler.state_dict() if self.loss_scaler is not None else None
         self.checkpointer.save(p.step, {"step": p.step, "epoch": p.epoch, **metrics},
                                lambda folder: train_state.save(folder, self.engine, self.optimizer, p))
         self._last_saved_step = p.step

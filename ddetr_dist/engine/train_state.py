@@ -11,12 +11,18 @@ Resuming with the same world size and ZeRO stage loads DeepSpeed's files and eve
 RNG: bitwise the run that was interrupted. Any other world size or stage loads
 `portable.pt` instead (ZeRO shards are keyed by rank and cannot be re-cut).
 
-Every file of ours is written atomically and meta.json lists what the checkpoint must hold,
-so a directory missing a part is refused by name rather than half-loaded.
+Every file of ours is written atomically; meta.json, written last, lists every file of
+every rank with its size, so a directory missing a part (a rank's ZeRO shard included) is
+refused by name rather than half-loaded.
+
+"Exact" also needs the same sample order: meta.json records what decides it
+(`data_order`); a resume where any of it changed loads `portable.pt` and names the keys.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,9 +55,13 @@ class Progress:
     skipped_steps: int = 0  # non-finite loss or gradient, over the whole run
     bad_steps_in_a_row: int = 0
     samples_seen: int = 0  # over all ranks
+    overflow_steps: int = 0  # fp16 steps skipped while the loss scale searched (also in skipped_steps)
     world_size: int = 1
     zero_stage: int = 0
-    files: list[str] = field(default_factory=list)
+    batches_per_epoch: int = 0  # of each rank
+    data_order: dict = field(default_factory=dict)  # what decides the sample order (see data_order())
+    loss_scaler: dict | None = None  # fp16: the GradScaler's state
+    files: dict = field(default_factory=dict)  # relative path -> size in bytes, every rank's parts
 
     @classmethod
     def read(cls, directory: Path) -> "Progress":
@@ -60,7 +70,37 @@ class Progress:
             raise IncompleteCheckpointError(f"checkpoint {directory} has no {META}: it was not written to the end. "
                                             "Delete the directory to resume from the one before it.")
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+        progress = cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+        if isinstance(progress.files, list):  # written before sizes were recorded: existence only
+            progress.files = {f: None for f in progress.files}
+        return progress
+
+
+def data_order(cfg, shards) -> dict:
+    """Everything that decides which samples each rank reads in which order (besides the
+    world size and epoch): an exact resume needs all of it unchanged. `shards`: the train
+    ShardSet (its URLs and counts, so a manifest that changed under the same pattern counts)."""
+    d = cfg.data
+    listing = json.dumps([shards.urls, shards.counts]).encode()
+    return {"seed": cfg.seed, "data.batch_size": d.batch_size, "data.num_workers": d.num_workers,
+            "data.shuffle_buffer": d.shuffle_buffer, "data.samples_per_epoch": d.samples_per_epoch,
+            "train.grad_accum": cfg.train.grad_accum,
+            "data.train_shards": hashlib.sha256(listing).hexdigest()[:16]}
+
+
+def order_changes(saved: Progress, now: Progress) -> list[str]:
+    """What differs between a checkpoint and this run in what decides the sample order
+    ([] = an exact resume is possible); each entry names the config key."""
+    changed = []
+    if saved.world_size != now.world_size:
+        changed.append(f"ray.num_workers (world size) {saved.world_size} -> {now.world_size}")
+    if saved.zero_stage != now.zero_stage:
+        changed.append(f"train.zero_stage {saved.zero_stage} -> {now.zero_stage}")
+    for key, value in now.data_order.items():
+        if key in saved.data_order and saved.data_order[key] != value:
+            what = "the shard list or its manifest" if key == "data.train_shards" else f"{saved.data_order[key]} -> {value}"
+            changed.append(f"{key} {what}")
+    return changed
 
 
 def rank_state_path(directory: Path, rank: int) -> Path:
@@ -130,10 +170,21 @@ def relink_optimizer_fragments(engine) -> None:
         zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
+def average_batchnorm_statistics(module: torch.nn.Module) -> None:
+    """Trainable BatchNorm (`model.backbone_norm=bn`) keeps running statistics per rank:
+    DeepSpeed broadcasts buffers only at the start. Before an evaluation or a save, every
+    rank takes their mean, so that all ranks evaluate, and the files hold, one model.
+    Collective."""
+    with torch.no_grad():
+        comm.average_([b for name, b in module.named_buffers()
+                       if name.endswith(("running_mean", "running_var")) and b.is_floating_point()])
+
+
 def portable_state(engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> dict | None:
     """World-size-free model + optimizer state; collective, the result on rank 0 only."""
     rank0 = comm.get_rank() == 0
     module = engine.module
+    average_batchnorm_statistics(module)
     relink_optimizer_fragments(engine)
     own = module.state_dict()  # the keys (and buffers) in the official order
     # shared heads appear under several keys: gather each parameter once
@@ -159,11 +210,22 @@ def portable_state(engine, optimizer: torch.optim.Optimizer, zero_stage: int) ->
     return {"model": model, "adam": adam, "adam_step": _optimizer_step_count(optimizer)}
 
 
+def _file_sizes(directory: Path) -> dict[str, int]:
+    sizes = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = Path(root) / name
+            sizes[str(path.relative_to(directory))] = path.stat().st_size
+    return sizes
+
+
 def save(directory: Path, engine, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
-    """Every rank writes its part of the checkpoint at `directory` (its own local folder;
-    Ray merges them). Collective: every rank calls it at the same step."""
-    rank, world = comm.get_rank(), comm.get_world_size()
+    """Every rank writes its part of the checkpoint at `directory` (its own local folder,
+    which Ray merges; or one folder all ranks share). Collective: every rank calls it at the
+    same step."""
+    rank = comm.get_rank()
     tag = f"step_{progress.step}"
+    average_batchnorm_statistics(engine.module)  # DeepSpeed's files below hold rank 0's
     (directory / DEEPSPEED_DIR / tag).mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=tag, save_latest=True)
     rank_file = rank_state_path(directory, rank)
@@ -174,22 +236,26 @@ def save(directory: Path, engine, optimizer: torch.optim.Optimizer, progress: Pr
     if rank == 0:
         with atomic_open(directory / PORTABLE) as f:
             torch.save(portable, f)
-        progress.files = [PORTABLE, f"{DEEPSPEED_DIR}/{tag}"] + [
-            str(rank_state_path(Path(), r)) for r in range(world)]
+    comm.barrier()  # every part written: the sizes listed below are final
+    listed = comm.gather_object(_file_sizes(directory))
+    if rank == 0:
+        progress.files = {path: size for sizes in listed for path, size in sizes.items() if path != META}
         # meta.json last: its presence says the rest was written
         atomic_write_bytes(directory / META, json.dumps(asdict(progress), indent=1).encode())
 
 
 def check_complete(directory: Path, progress: Progress) -> None:
-    missing = [f for f in progress.files if not (directory / f).exists()]
-    if missing:
+    """Every file of every rank that meta.json lists is there, at its size."""
+    problems = []
+    for path, size in sorted(progress.files.items()):
+        if not (directory / path).is_file():
+            problems.append(f"{path} (missing)")
+        elif size is not None and (directory / path).stat().st_size != size:
+            problems.append(f"{path} ({(directory / path).stat().st_size} bytes, {size} written)")
+    if problems:
         raise IncompleteCheckpointError(
-            f"checkpoint {directory} is incomplete: missing {', '.join(missing)}. A worker died while "
-            "saving or its upload failed; delete this directory to resume from the checkpoint before it.")
-
-
-def can_resume_exactly(progress: Progress, world_size: int, zero_stage: int) -> bool:
-    return progress.world_size == world_size and progress.zero_stage == zero_stage
+            f"checkpoint {directory} is incomplete: {', '.join(problems)}. A worker died while saving or its "
+            "upload failed; delete this directory to resume from the checkpoint before it.")
 
 
 def load_portable_model(directory: Path, module: torch.nn.Module) -> dict:
@@ -199,21 +265,36 @@ def load_portable_model(directory: Path, module: torch.nn.Module) -> dict:
     return portable
 
 
+def _create_zero3_adam_state(engine) -> None:
+    """The state torch's AdamW creates at its first step, for each flat fp32 partition of
+    ZeRO-3 (the tensors its optimizer steps; deepspeed 0.19 `fp32_partitioned_groups_flat`)."""
+    zero3 = engine.optimizer
+    for flat in zero3.fp32_partitioned_groups_flat:
+        if not zero3.optimizer.state.get(flat):
+            zero3.optimizer.state[flat] = {"step": torch.zeros((), dtype=torch.float32),
+                                           "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+
+
 def load_portable_optimizer(portable: dict, engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> None:
     """After deepspeed.initialize: the AdamW moments of every parameter, re-cut for this
     world size. DeepSpeed creates optimizer state lazily, so first take one step with zero
-    gradients at lr 0 (changes no weight), then overwrite the moments and the step count."""
+    gradients at lr 0 (changes no weight), or under ZeRO-3 (whose partitioned parameters
+    cannot take that backward) create the state AdamW would; then overwrite the moments
+    and the step count."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-    engine.backward(sum(p.sum() * 0.0 for _, p in trainable))
-    engine.step()
-    for g, lr in zip(optimizer.param_groups, lrs):
-        g["lr"] = lr
-    relink_optimizer_fragments(engine)
+    if zero_stage == 3:
+        _create_zero3_adam_state(engine)
+    else:
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        engine.backward(sum(p.sum() * 0.0 for _, p in trainable))
+        engine.step()
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+        relink_optimizer_fragments(engine)
     for name, p in trainable:
         state = portable["adam"].get(name)
         if state is None:

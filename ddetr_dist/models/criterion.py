@@ -114,18 +114,22 @@ class SetCriterion(nn.Module):
         losses.update(self.loss_cardinality(outputs, targets, indices, num_boxes))
         return {k + suffix: v for k, v in losses.items()}
 
-    def forward(self, outputs: dict, targets: list[dict], sync: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: dict, targets: list[dict], sync: bool = True,
+                num_boxes: float | None = None) -> dict[str, torch.Tensor]:
         """outputs: the model's dict; targets: per image {'labels' int64 [K], 'boxes' [K,4]
-        cxcywh in 0..1} -> {loss name: scalar}; weight with self.weight_dict. `sync=False`
-        normalises by this rank's boxes only (no collective: evaluation, where ranks run
-        different numbers of batches)."""
+        cxcywh in 0..1} -> {loss name: scalar}; weight with self.weight_dict. The losses are
+        sums over boxes divided by `num_boxes`; by default the mean number of target boxes
+        per rank (a collective), or this rank's own count with `sync=False` (evaluation,
+        where ranks run different numbers of batches). The train loop passes the mean over
+        an accumulation window's micro-batches, so that accumulated micro-batches give the
+        gradient of one big batch."""
         validate_targets(targets, outputs["pred_logits"].shape[0], self.num_classes)
-        device = outputs["pred_logits"].device
-        # boxes per rank differ; normalise every rank's loss by the global mean
-        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        if sync:
-            num_boxes = comm.all_reduce_sum(num_boxes) / comm.get_world_size()
-        num_boxes = torch.clamp(num_boxes, min=1).item()
+        if num_boxes is None:
+            # boxes per rank differ; normalise every rank's loss by the global mean
+            num_boxes = float(sum(len(t["labels"]) for t in targets))
+            if sync:
+                num_boxes = comm.all_reduce_sum([num_boxes])[0] / comm.get_world_size()
+        num_boxes = max(num_boxes, 1.0)
 
         losses = self._losses_for(outputs, targets, num_boxes)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):

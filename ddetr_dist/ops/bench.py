@@ -14,6 +14,7 @@ move (read every input once, write every output once) per second.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -126,9 +127,10 @@ def ideal_bytes(inputs: dict) -> tuple[int, int]:
     return forward, backward
 
 
-def available_backends(requested: list[str]) -> list[tuple[str, str]]:
-    """(backend, device) pairs to run: the reference and the compiled kernel per device."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+def available_backends(requested: list[str], devices: list[str] | None = None) -> list[tuple[str, str]]:
+    """(backend, device) pairs to run: the reference and the compiled kernel per device
+    (`devices`: default cpu, and cuda where there is a GPU)."""
+    devices = devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     pairs = []
     for device in devices:
         for backend in ("torch", device):
@@ -152,7 +154,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None,
                         help="comma-separated value dtypes: float32, bfloat16, float16, float64 "
                              "(default: float32 on CPU; float32,bfloat16 with a GPU)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="only this device (default: cpu, and cuda with a GPU); on a GPU machine "
+                             "--device cuda skips the slow CPU rows")
     parser.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write every row to PATH as JSON (make gpu-check reads it)")
 
 
 def _parse(args: argparse.Namespace) -> tuple[list[str], list[torch.dtype]]:
@@ -169,12 +176,14 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], list[torch.dtype]]:
         dtypes.append(dtype)
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("ddetr bench msda: --repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"ddetr bench msda: --device cuda, but this torch ({torch.__version__}) sees no CUDA device")
     return backends, dtypes
 
 
 def run(args: argparse.Namespace) -> int:
     backends, dtypes = _parse(args)
-    pairs = available_backends(backends)
+    pairs = available_backends(backends, [args.device] if args.device else None)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
           + f"; median of {args.repeats} after {args.warmup} warmup")
@@ -185,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     print(header)
     print("-" * len(header))
     target_ratio = None
+    rows = []  # for --json
     for case in cases(args.quick):
         for device in dict.fromkeys(d for _, d in pairs):
             for dtype in dtypes:
@@ -197,9 +207,16 @@ def run(args: argparse.Namespace) -> int:
                     ratio = (f"{reference[0] / fwd:>8.1f}{reference[1] / fb:>8.1f}" if reference
                              else f"{'-':>8}{'-':>8}")
                     bandwidth = f"{'':>10}{'':>10}"
+                    row = {"shape": case.name, "device": device, "dtype": str(dtype).split(".")[-1],
+                           "backend": backend, "fwd_ms": fwd * 1e3, "fwd_bwd_ms": fb * 1e3,
+                           "fwd_speedup": reference[0] / fwd if reference else None,
+                           "fwd_bwd_speedup": reference[1] / fb if reference else None}
                     if backend == "cuda":
                         fwd_bytes, bwd_bytes = ideal_bytes(inputs)
                         bandwidth = f"{fwd_bytes / fwd / 1e9:>10.0f}{(fwd_bytes + bwd_bytes) / fb / 1e9:>10.0f}"
+                        row.update(fwd_gb_per_s=fwd_bytes / fwd / 1e9,
+                                   fwd_bwd_gb_per_s=(fwd_bytes + bwd_bytes) / fb / 1e9)
+                    rows.append(row)
                     print(f"{case.name:<22}{device:<7}{str(dtype).split('.')[-1]:<10}{backend:<8}"
                           f"{fwd * 1e3:>10.2f}{fb * 1e3:>12.2f}{ratio}{bandwidth}", flush=True)
                     if (backend, case.name, dtype) == ("cpu", "encoder N=1", torch.float32) and reference:
@@ -208,4 +225,9 @@ def run(args: argparse.Namespace) -> int:
         verdict = "met" if target_ratio >= CPU_TARGET else "NOT met"
         print(f"\nCPU target (fwd+bwd >= {CPU_TARGET:.0f}x the reference, encoder N=1, float32): "
               f"{verdict} ({target_ratio:.1f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "repeats": args.repeats, "warmup": args.warmup,
+                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "rows": rows},
+                      f, indent=1)
     return 0

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import yaml
 
-from engine.engine_helpers import TINY_OVERRIDES
+from engine.engine_helpers import FROM_SCRATCH, TINY_OVERRIDES
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
 
 
 def write_tiny_config(path: Path, data_dir: Path | str, out_dir: Path | str, name: str) -> Path:
     tree: dict = {"name": name, "output_dir": str(out_dir)}
-    for text in TINY_OVERRIDES + [f"data.train_shards={Path(data_dir) / 'train' / 'shards'}",
-                                  f"data.val_shards={Path(data_dir) / 'val' / 'shards'}", "ray.num_workers=2"]:
+    for text in TINY_OVERRIDES + FROM_SCRATCH + [f"data.train_shards={Path(data_dir) / 'train' / 'shards'}",
+                                                 f"data.val_shards={Path(data_dir) / 'val' / 'shards'}",
+                                                 "ray.num_workers=2"]:
         key, value = text.split("=", 1)
         section, leaf = key.split(".")
         tree.setdefault(section, {})[leaf] = yaml.safe_load(value)
@@ -35,9 +36,11 @@ def environment(**extra: str) -> dict:
     return {**os.environ, **RAY_ENV, **extra}
 
 
-def run_train(config: Path, *overrides: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(train_command(config, *overrides), env=environment(), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+def run_train(config: Path, *overrides: str, timeout: float = 300, cwd: Path | None = None,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """`env`: more environment for the driver, hence for the workers of its local Ray."""
+    return subprocess.run(train_command(config, *overrides), env=environment(**(env or {})), capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
 
 
 def start_train(config: Path, *overrides: str, log: Path) -> subprocess.Popen:

@@ -1,5 +1,7 @@
 """The DeepSpeed JSON is generated from the config tree."""
-from ddetr_dist.config import load_config
+import pytest
+
+from ddetr_dist.config import ConfigError, load_config
 from ddetr_dist.dist.deepspeed_config import deepspeed_config
 
 
@@ -18,3 +20,12 @@ def test_precision_is_torch_autocast_with_fp32_parameters():
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "bf16" not in ds and "fp16" not in ds  # those would make the parameters 16-bit
     assert deepspeed_config(load_config(None, ["train.precision=fp16"]), 1)["torch_autocast"]["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_fp16_with_zero_is_refused_naming_both_keys(stage):
+    # DeepSpeed 0.19's ZeRO optimizer never lowers the torch loss scale: every step would be skipped
+    cfg = load_config(None, ["train.precision=fp16", f"train.zero_stage={stage}"])
+    with pytest.raises(ConfigError, match=r"'train.precision' \(fp16\) and 'train.zero_stage'.*bf16"):
+        deepspeed_config(cfg, 1)
+    deepspeed_config(load_config(None, ["train.precision=fp16", "train.zero_stage=0"]), 1)

@@ -124,3 +124,22 @@ def test_more_workers_than_the_cluster_can_place_fail_before_workers_start(tiny_
     assert done.returncode == 2
     assert "'ray.num_workers' (2) x 'ray.cpus_per_worker' (512) = 1024 CPUs" in done.stderr
     assert not records(tmp_path / "runs" / "big")
+
+
+def test_a_deterministic_worker_error_ends_the_run_after_one_attempt(tiny_data, tmp_path):
+    """Non-finite losses at steps 0, 1, 2 with train.max_bad_steps=2: NonFiniteLossError
+    (NotRetryable) at step 1 on every rank. Ray would restart the workers ray.max_failures=3
+    times to meet it again; it ends the run at once, with its message (issue 12, bug 5)."""
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "nan")
+    # the env var reaches the workers: a local Ray's processes inherit the driver's environment
+    done = run_train(config, "train.max_bad_steps=2",
+                     "ray.max_failures=3", "train.max_steps=6", env={"DDETR_INJECT_NONFINITE_LOSS": "0,1,2"})
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "nan"
+    assert len(records(run_dir, "workers")) == 1, done.stderr[-3000:]  # one worker group: no restart
+    assert [r["step"] for r in records(run_dir, "skipped_step")] == [1, 2]
+    # `ddetr train`'s own line, after Ray's logs: the workers' message, not Ray's wrapping
+    said = [line for line in done.stderr.splitlines() if line.startswith("ddetr train: ")]
+    assert len(said) == 1 and said[0].startswith(f"ddetr train: training run {run_dir} failed, not retried"), said
+    assert "NonFiniteLossError: 2 steps in a row had a non-finite loss" in said[0], said
+    assert "train.max_bad_steps=2" in said[0]

@@ -106,7 +106,8 @@ def test_sweep_errors_asha_resume_table_and_best_config(tiny_data, tmp_path):
     table = done.stdout[done.stdout.index("sweep tiny_sweep: 3 trial(s)"):]
     for row in rows.values():
         assert row["trial"] in table
-    assert "stopped early" in table and "ERROR: FileNotFoundError" in table
+    # the worker's check (dist.worker.check_inputs): a FileNotFoundError that is not retried
+    assert "stopped early" in table and "ERROR: ddetr_dist.errors.InputNotFoundError" in table
 
     # each trial is a `ddetr train` run in its own directory under the sweep's
     run_dir = Path(good["run_dir"])

@@ -19,6 +19,10 @@ TINY_OVERRIDES = [
     "data.val_scale=96", "data.max_size=128", "train.log_every_steps=1", "optim.lr=1e-3",
     "optim.lr_backbone=1e-4",
 ]
+# `ddetr train` refuses a random backbone with frozen BatchNorm/stages (TINY_OVERRIDES's
+# defaults, which the engine tests keep: batch statistics would tie a step to its batch
+# size): runs through the driver train it from scratch
+FROM_SCRATCH = ["model.backbone_norm=bn", "model.backbone_frozen_stages=0"]
 
 
 def tiny_config(data_dir: Path, out_dir: Path, *overrides: str):
@@ -100,3 +104,23 @@ def run_evaluation(cfg, world: int, out_dir: Path) -> dict:
                        start_method="spawn")
     return {"detections": json.loads((out_dir / "detections.json").read_text()),
             "metrics": json.loads((out_dir / "metrics.json").read_text())["metrics"]}
+
+
+def _rank_worker(rank: int, world: int, port: int, fn, args: tuple, result_dir: str):
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, *args), Path(result_dir) / f"rank_{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(fn, world: int, *args, tmp: Path) -> list:
+    """`fn(rank, *args)` in `world` gloo processes (fn must be importable: a module-level
+    function of a test module); -> each rank's return value, in rank order."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_rank_worker, args=(world, free_port(), fn, args, str(tmp)), nprocs=world, join=True,
+                       start_method="spawn")
+    return [torch.load(tmp / f"rank_{r}.pt", weights_only=False) for r in range(world)]

@@ -11,6 +11,7 @@ import torch
 from torch.multiprocessing import ProcessRaisedException
 
 from ddetr_dist.engine.metrics import read_metrics
+from ddetr_dist.engine.train_state import IncompleteCheckpointError, Progress, check_complete
 from ddetr_dist.models import build_model, load_official_checkpoint
 
 from .engine_helpers import fixed_batch, run_trainer, tiny_config
@@ -35,7 +36,7 @@ def test_zero_stages_give_the_losses_of_stage_0(tiny_data, tmp_path):
                                    msg=f"ZeRO-{stage} vs stage 0")
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_data, tmp_path, stage):
     # loader workers on: the fast-forward must replay their interleaving exactly
     common = [f"train.zero_stage={stage}", "data.num_workers=2", "model.dropout=0.1"]
@@ -54,14 +55,18 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_data, tmp_path, stage
     assert events.count("resume") == 1
 
 
-def test_checkpoint_of_2_workers_resumes_with_1(tiny_data, tmp_path):
+@pytest.mark.parametrize("saved_stage, stage", [(2, 2), (3, 3), (2, 3)])
+def test_checkpoint_of_2_workers_resumes_with_1(tiny_data, tmp_path, saved_stage, stage):
     run_dir = tmp_path / "resize"
-    run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=4", "train.zero_stage=2"), 2, run_dir)
+    run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=4", f"train.zero_stage={saved_stage}"),
+                2, run_dir)
     saved_dir = run_dir / "checkpoints" / "step_00000004"
+    check_a_missing_rank_part_is_refused(saved_dir, tmp_path / "broken")
     saved = torch.load(saved_dir / "portable.pt", weights_only=True)
     shutil.copytree(saved_dir, tmp_path / "saved")
     # same step: nothing to train; the 1-worker engine re-saves what it loaded
-    run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=4", "train.zero_stage=2"), 1, run_dir)
+    run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=4", f"train.zero_stage={stage}"), 1,
+                run_dir)
     reloaded = torch.load(saved_dir / "portable.pt", weights_only=True)
     assert json.loads((saved_dir / "meta.json").read_text())["world_size"] == 1
     assert reloaded["adam_step"] == saved["adam_step"] == 4
@@ -72,11 +77,36 @@ def test_checkpoint_of_2_workers_resumes_with_1(tiny_data, tmp_path):
         for key, value in state.items():
             assert torch.equal(reloaded["adam"][name][key], value), (name, key)
     # and it trains on from there
-    out = run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=6", "train.zero_stage=2"), 1,
-                      run_dir)
+    out = run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=6", f"train.zero_stage={stage}"),
+                      1, run_dir)
     assert out["progress"]["step"] == 6 and out["progress"]["world_size"] == 1
+    assert all(torch.isfinite(p).all() for p in out["params"].values())
     resume = [r for r in read_metrics(run_dir) if r.get("event") == "resume"]
     assert [r["exact"] for r in resume] == [False, True] and resume[0]["from_world_size"] == 2
+    assert "ray.num_workers (world size) 2 -> 1" in resume[0]["changed"]
+
+
+def check_a_missing_rank_part_is_refused(saved_dir, broken):
+    """Every rank's ZeRO files are listed in meta.json: a checkpoint without rank 1's is
+    incomplete, by name (its tag folder alone does not make it complete)."""
+    shutil.copytree(saved_dir, broken)
+    rank_1_parts = [p for p in (broken / "deepspeed").rglob("*") if p.is_file() and "rank_1" in p.name]
+    assert rank_1_parts
+    rank_1_parts[0].unlink()
+    with pytest.raises(IncompleteCheckpointError, match=rank_1_parts[0].name):
+        check_complete(broken, Progress.read(broken))
+    shutil.rmtree(broken)
+
+
+def test_a_changed_batch_size_resumes_from_the_portable_state_and_says_so(tiny_data, tmp_path):
+    run_dir = tmp_path / "order"
+    common = ["name=order", "data.num_workers=0"]
+    run_trainer(tiny_config(tiny_data, tmp_path, *common, "train.max_steps=2"), 1, run_dir)
+    out = run_trainer(tiny_config(tiny_data, tmp_path, *common, "train.max_steps=3", "data.batch_size=1"), 1, run_dir)
+    assert out["progress"]["step"] == 3
+    [resume] = [r for r in read_metrics(run_dir) if r.get("event") == "resume"]
+    # the same world size and stage, but another sample order: not exact, and why
+    assert resume["exact"] is False and resume["changed"] == ["data.batch_size 2 -> 1"]
 
 
 def test_nonfinite_loss_on_one_rank_is_skipped_on_all(tiny_data, tmp_path):

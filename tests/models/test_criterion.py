@@ -68,9 +68,11 @@ def test_num_boxes_is_averaged_over_ranks(monkeypatch):
     alone = criterion_for()(outputs, TARGETS)["loss_bbox"]
     # pretend a second rank holds 9 boxes: the mean is (3 + 9) / 2 = 6 boxes per rank
     monkeypatch.setattr(comm, "get_world_size", lambda: 2)
-    monkeypatch.setattr(comm, "all_reduce_sum", lambda t: t.add_(9))
+    monkeypatch.setattr(comm, "all_reduce_sum", lambda values: [v + 9 for v in values])
     shared = criterion_for()(outputs, TARGETS)["loss_bbox"]
     torch.testing.assert_close(shared, alone * 3 / 6)
+    # the train loop passes an accumulation window's mean instead: no collective here
+    torch.testing.assert_close(criterion_for()(outputs, TARGETS, num_boxes=1.5)["loss_bbox"], alone * 3 / 1.5)
 
 
 def test_encoder_outputs_are_matched_class_agnostically():

@@ -1,6 +1,8 @@
 """`ddetr bench msda --quick` runs end to end and prints a row per backend and shape."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ddetr_dist.cli import main
@@ -19,3 +21,15 @@ def test_quick_benchmark_prints_every_backend(capsys):
 def test_bench_rejects_unknown_backend():
     with pytest.raises(SystemExit, match="unknown backend"):
         main(["bench", "msda", "--quick", "--backends", "cpu,fast"])
+
+
+def test_json_rows_of_one_device(tmp_path):
+    out = tmp_path / "msda.json"
+    assert main(["bench", "msda", "--quick", "--repeats", "1", "--warmup", "0", "--backends", "torch,cpu",
+                 "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["backend"]) for r in rows] == [
+        ("encoder N=1 (quick)", "torch"), ("encoder N=1 (quick)", "cpu"),
+        ("decoder N=2 (quick)", "torch"), ("decoder N=2 (quick)", "cpu")]
+    assert all(r["device"] == "cpu" and r["dtype"] == "float32" and r["fwd_bwd_ms"] > 0 for r in rows)
+    assert rows[0]["fwd_bwd_speedup"] == 1.0

@@ -1,0 +1,199 @@
+"""One optimizer step: a window of `train.grad_accum` micro-batches through the DeepSpeed
+engine, and what happens when something in it is not finite.
+
+DeepSpeed's protocol is forward, `backward()`, `step()` for *every* micro-batch; the
+`step()` of the window's last micro-batch (the accumulation boundary, which we set
+explicitly so that DeepSpeed's counter cannot drift from ours) reduces the gradients and
+updates the weights. The losses of all micro-batches are normalised by the window's
+mean number of target boxes per micro-batch, and DeepSpeed divides each by
+`grad_accum`: k micro-batches of b images give the gradient of one batch of k*b.
+
+A window is *bad* when a loss (any micro-batch, any rank: decided together) or the
+reduced gradient is not finite. A bad window updates nothing on any rank:
+- ZeRO-0: we look at the gradients before `step()` and drop them;
+- ZeRO-1/2/3: the boundary's backward is made non-finite on purpose, so that DeepSpeed's
+  own overflow check skips the step and clears its partitioned buffers.
+
+fp16 (ZeRO-0 only) uses a dynamic loss scale (torch's GradScaler inside DeepSpeed's
+engine): an overflowing step is skipped, the scale halves, and it doubles again after
+`train.loss_scale_window` clean steps. Such a step is an *overflow*, which is expected
+while the scale searches, not a bad step; once the scale is down to `MIN_LOSS_SCALE`, an
+overflow is a non-finite gradient like any other.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ddetr_dist.dist import comm
+from ddetr_dist.engine.evaluate import outputs_to_float
+
+MIN_LOSS_SCALE = 1.0
+LOGGED_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent in each phase since the last log line (this rank)."""
+
+    data: float = 0.0
+    forward: float = 0.0
+    backward: float = 0.0  # includes the gradient all-reduce
+    optimizer: float = 0.0
+    allreduce: float = 0.0  # DeepSpeed's gradient reduction at the boundary (a part of backward)
+    images: int = 0
+    micro_steps: int = 0  # with a finite loss
+    optimizer_steps: int = 0
+    losses: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.data + self.forward + self.backward + self.optimizer
+
+    def add(self, other: "StepTimes") -> None:
+        for name in ("data", "forward", "backward", "optimizer", "allreduce", "images", "micro_steps",
+                     "optimizer_steps"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for key, value in other.losses.items():
+            self.losses[key] = self.losses.get(key, 0.0) + value
+
+
+@dataclass
+class StepResult:
+    applied: bool  # the weights were updated
+    overflow: bool = False  # fp16: skipped while the loss scale searches (not a bad step)
+    grad_norm: float | None = None  # unscaled, before clipping
+    loss_scale: float | None = None  # fp16: the scale after this step
+
+
+def grad_norm(module: torch.nn.Module) -> float:
+    """The global L2 norm of the (already reduced) gradients: NaN/inf if any is."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def install_loss_scaler(engine, device: torch.device, initial_power: int, window: int) -> torch.amp.GradScaler:
+    """fp16 under ZeRO-0: DeepSpeed's engine scales the loss with a torch GradScaler of
+    default settings; replace it with one of ours (`train.loss_scale_power`,
+    `train.loss_scale_window`), whose state our checkpoints keep."""
+    if not hasattr(engine, "torch_autocast_z0_gradscaler"):
+        raise RuntimeError("train.precision=fp16 relies on DeepSpeed's torch-autocast GradScaler "
+                           "(engine.torch_autocast_z0_gradscaler, deepspeed 0.19); this DeepSpeed has none")
+    scaler = torch.amp.GradScaler(device=device.type, init_scale=2.0 ** initial_power, growth_interval=window)
+    engine.torch_autocast_z0_gradscaler = scaler
+    return scaler
+
+
+class WindowStep:
+    """Runs optimizer steps on one rank's DeepSpeed engine: `run(window, num_boxes, times)`."""
+
+    def __init__(self, engine, criterion, device: torch.device, zero_stage: int,
+                 loss_scaler: torch.amp.GradScaler | None = None):
+        self.engine, self.criterion, self.device, self.zero_stage = engine, criterion, device, zero_stage
+        self.loss_scaler = loss_scaler
+        self._allreduce_s = 0.0
+        self._time_allreduce()
+
+    def _time_allreduce(self) -> None:
+        """Wrap DeepSpeed's boundary gradient reduction to time it (one clock read each)."""
+        reduce = self.engine.allreduce_gradients
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return reduce(*args, **kwargs)
+            finally:
+                self._allreduce_s += time.perf_counter() - start
+
+        self.engine.allreduce_gradients = timed
+
+    def run(self, window: list, num_boxes: float, times: StepTimes, poison: set[int] = frozenset(),
+            loss_factor: float = 1.0) -> StepResult:
+        """Forward/backward/step every micro-batch of `window`. `poison`: micro-batch indices
+        whose loss is made NaN, `loss_factor` multiplies the loss (fault injection for tests)."""
+        bad = False
+        for index, (images, padding_mask, targets) in enumerate(window):
+            boundary = index == len(window) - 1
+            self.engine.set_gradient_accumulation_boundary(boundary)
+            loss = self._forward(images, padding_mask, targets, num_boxes, times, index in poison, loss_factor)
+            finite = not comm.any_rank(not bool(torch.isfinite(loss)))
+            bad = bad or not finite
+            if boundary:
+                return self._boundary(loss, bad, times)
+            t0 = time.perf_counter()
+            if finite and not bad:
+                self.engine.backward(loss)  # no reduction before the boundary
+            self.engine.step()  # off the boundary DeepSpeed only counts the micro-step
+            times.backward += time.perf_counter() - t0
+        raise ValueError("an empty accumulation window")
+
+    def _forward(self, images, padding_mask, targets, num_boxes, times, poisoned, loss_factor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        padding_mask = padding_mask.to(self.device, non_blocking=True)
+        targets = [{k: v.to(self.device) for k, v in tgt.items()} for tgt in targets]
+        t0 = time.perf_counter()
+        outputs = self.engine(images, padding_mask)  # DeepSpeed applies train.precision's autocast
+        # losses in fp32: the matcher's costs and the focal loss are not safe in bf16/fp16
+        losses = self.criterion(outputs_to_float(outputs), targets, num_boxes=num_boxes)
+        weights = self.criterion.weight_dict
+        loss = sum(losses[k] * weights[k] for k in losses if k in weights) * loss_factor
+        if poisoned:
+            loss = loss * float("nan")
+        times.forward += time.perf_counter() - t0
+        times.images += len(targets)
+        if torch.isfinite(loss):
+            for k in LOGGED_LOSSES:
+                if k in losses:
+                    times.losses[k] = times.losses.get(k, 0.0) + float(losses[k].detach())
+            times.losses["loss"] = times.losses.get("loss", 0.0) + float(loss.detach())
+            times.micro_steps += 1
+        return loss
+
+    def _boundary(self, loss: torch.Tensor, bad: bool, times: StepTimes) -> StepResult:
+        """The window's last micro-batch: its backward (which reduces the gradients), then
+        the update or the skip."""
+        t0 = time.perf_counter()
+        reduced_before = self._allreduce_s
+        if self.zero_stage > 0:
+            # a bad window: NaN gradients make DeepSpeed's overflow check skip the step and
+            # clear the partitioned gradients it accumulated (our own skip could not reach them)
+            self.engine.backward(loss * float("nan") if bad else loss)
+        elif not bad:
+            self.engine.backward(loss)
+        t1 = time.perf_counter()
+        result = self._step_zero0(bad) if self.zero_stage == 0 else self._step_zero()
+        times.backward += t1 - t0
+        times.optimizer += time.perf_counter() - t1
+        times.allreduce += self._allreduce_s - reduced_before
+        times.optimizer_steps += 1
+        return result
+
+    def _step_zero(self) -> StepResult:
+        """ZeRO-1/2/3: DeepSpeed skips a step whose gradients are not finite by itself."""
+        self.engine.step()
+        applied = self.engine.was_step_applied()
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(applied=applied, grad_norm=float(norm) if applied and norm is not None else None)
+
+    def _step_zero0(self, bad: bool) -> StepResult:
+        """ZeRO-0: DeepSpeed would apply a NaN gradient (and reports no norm): look first."""
+        scaler = self.loss_scaler
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        norm = None if bad else grad_norm(self.engine.module) / scale
+        if scaler is not None and not bad:
+            # the GradScaler sees an overflow itself: it skips the update and halves the scale
+            self.engine.step()
+            new_scale = scaler.get_scale()
+            overflow = new_scale < scale
+            return StepResult(applied=not overflow, overflow=overflow and scale > MIN_LOSS_SCALE,
+                              grad_norm=None if overflow else norm, loss_scale=new_scale)
+        if bad or comm.any_rank(not math.isfinite(norm)):
+            self.engine.zero_grad()
+            return StepResult(applied=False, loss_scale=scale if scaler is not None else None)
+        self.engine.step()
+        return StepResult(applied=True, grad_norm=norm)
