@@ -51,7 +51,9 @@ runtime_env = {"env_vars": env}
 if os.environ["WORKING_DIR"] != "none":
     runtime_env["working_dir"] = os.environ["WORKING_DIR"]
     # what is never code: environments, data, runs, build outputs
-    runtime_env["excludes"] = [".git", ".venv", "data", "runs", "build", "*.so", "*.o", "__pycache__"]
+    # (gitignore patterns: a leading / anchors one at the top; "data" alone would also drop
+    # the package's own ddetr_dist/data/)
+    runtime_env["excludes"] = [".git", "/.venv", "/data", "/runs", "/build", "*.so", "*.o", "__pycache__"]
 pip = os.environ.get("DDETR_PIP", "").split()
 if pip:
     runtime_env["pip"] = {"packages": pip, "pip_check": False}

@@ -80,6 +80,24 @@ def check_model(cfg: Config) -> None:
         raise ConfigError(f"the model config cannot be built: {e}") from None
 
 
+# What Ray's job supervisor gives a `ray job submit` entrypoint: the job's config, with the
+# runtime_env (and its working_dir, when code was uploaded)
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def check_output_dir(cfg: Config) -> None:
+    """In a Ray job that uploaded its code, the working directory is Ray's unpacked copy of
+    that code: a relative `output_dir` would put the run into a cache Ray deletes, and the
+    next submission of changed code (another package) would start over instead of resuming."""
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}")
+    uploaded = (job.get("runtime_env") or {}).get("working_dir")
+    if uploaded and not Path(cfg.output_dir).expanduser().is_absolute():
+        raise ConfigError(
+            f"config key 'output_dir' = {cfg.output_dir!r} is relative, and this Ray job runs in Ray's unpacked copy "
+            f"of its working_dir ({uploaded}), which Ray deletes; a resubmitted job would not find the run to resume. "
+            "Give an absolute path on storage every node mounts, e.g. output_dir=/shared/runs")
+
+
 def ray_address(cfg: Config) -> str:
     """The cluster to join ('' = a local Ray started for this run)."""
     return cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
@@ -164,6 +182,7 @@ def train(cfg: Config) -> RunResult:
     starts, TrainingFailed when the workers fail more than `ray.max_failures` times, or
     once with an error a restart would meet again (ddetr_dist.dist.failures)."""
     check_training_config(cfg)
+    check_output_dir(cfg)
     check_model(cfg)
     check_backbone_weights(cfg)
     check_data(cfg)

@@ -35,7 +35,7 @@ from ddetr_dist.config import Config, ConfigError, check_training_config, config
     load_config, save_config, to_dict
 from ddetr_dist.dist.sweep_file import Sweep, apply_resources, copy_raw, plain, tune_search_space, with_values
 from ddetr_dist.dist.trainer import build_torch_trainer, check_backbone_weights, check_data, check_model, \
-    check_resources, connect_ray, run_dir_of, write_run_files
+    check_output_dir, check_resources, connect_ray, run_dir_of, write_run_files
 
 log = logging.getLogger("ddetr_dist.tune")
 RESULTS_CSV = "results.csv"
@@ -217,6 +217,7 @@ def run_sweep(base: Config, sweep: Sweep, retry_errored: bool = False) -> SweepR
     Raises ConfigError before any trial starts."""
     trial_base = apply_resources(base, sweep.resources)
     check_training_config(trial_base)
+    check_output_dir(trial_base)
     check_model(trial_base)
     check_backbone_weights(trial_base)
     check_data(trial_base)

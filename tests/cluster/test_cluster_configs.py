@@ -288,8 +288,13 @@ def test_image_and_manifest_commands_name_what_exists():
     for path in (DOCKERFILE, PVC, RAYJOB):
         for line in usage_lines(path):
             checker.check(line, cwd_in_repo=True)
-    ignored = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
+    # at the root, where every builder reads it (BuildKit alone reads cluster/Dockerfile.dockerignore)
+    ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and "data" in ignored, "the build context would carry the local venv and data"
+    assert not (CLUSTER / "Dockerfile.dockerignore").exists(), "BuildKit would read it instead of .dockerignore"
+    # and should a builder copy a venv all the same, the image still makes its own
+    runs = [args for op, args in instructions if op == "RUN"]
+    assert any(re.match(r"rm -rf \.venv && bash tools/setup_env\.sh", run) for run in runs)
     # the manifest runs the image the documented `docker build -t` makes
     built = {shlex.split(line)[shlex.split(line).index("-t") + 1] for line in usage_lines(RAYJOB) if " -t " in line}
     assert {pod["containers"][0]["image"] for _, pod in pod_specs(rayjob())} == built

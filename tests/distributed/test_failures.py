@@ -5,6 +5,7 @@ itself: tests/distributed/test_ray_train.py)."""
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,18 @@ def test_a_sweep_trial_whose_model_cannot_be_built_fails_before_its_workers(monk
     with pytest.raises(ConfigError, match="model.hidden_dim must be a multiple of 32"):
         tune.run_trial({"model.hidden_dim": 48}, base=to_dict(base), sweep_dir="/nonexistent/sweep",
                        driver_cwd="/nonexistent", use_gpu=False)
+
+
+def test_a_relative_output_dir_in_a_job_with_uploaded_code_is_refused(tiny_data, tmp_path, monkeypatch, capsys):
+    """Under `ray job submit --working-dir`, the entrypoint runs in Ray's unpacked package (a
+    cache): a relative output_dir would train into it, and a resubmission of changed code
+    would not resume (issue 13, bug 6). Ray's job supervisor describes the job in this env var."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}, "metadata": {}}))
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, "runs", "job")
+    assert train_main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'output_dir' = 'runs' is relative" in err and "output_dir=/shared/runs" in err
+    assert not (tmp_path / "runs").exists()
