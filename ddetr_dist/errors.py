@@ -14,3 +14,7 @@ class NotRetryable(RuntimeError):
 class InputNotFoundError(NotRetryable, FileNotFoundError):
     """An input file the config names (e.g. model.backbone_weights) is not where a node
     looks for it: a restart on the same nodes finds it missing again."""
+
+
+class VersionMismatchError(NotRetryable):
+    """A worker's ray, deepspeed or torch differs from the driver's."""

@@ -230,13 +230,13 @@ def build_torch_trainer(cfg: Config, run_dir: Path, use_gpu: bool, callbacks: tu
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     from ddetr_dist.dist.failures import FailFastTorchTrainer
-    from ddetr_dist.dist.worker import train_loop_per_worker
+    from ddetr_dist.dist.worker import train_loop_per_worker, versions
 
     r = cfg.ray
     return FailFastTorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "run_id": uuid.uuid4().hex[:8],
-                           "cwd": os.getcwd(), "progress_bars": sys.stderr.isatty()},
+                           "cwd": os.getcwd(), "progress_bars": sys.stderr.isatty(), "versions": versions()},
         torch_config=torch_config(use_gpu),
         scaling_config=scaling_config(cfg, use_gpu),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent), callbacks=list(callbacks),

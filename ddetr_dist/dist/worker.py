@@ -21,7 +21,7 @@ import torch
 
 from ddetr_dist.config import Config, config_from_dict
 from ddetr_dist.dist import comm
-from ddetr_dist.errors import InputNotFoundError
+from ddetr_dist.errors import InputNotFoundError, VersionMismatchError
 
 
 class RayCheckpointer:
@@ -98,12 +98,33 @@ def ray_progress_bar(total: int, initial: int, desc: str):
     return bar
 
 
+def versions() -> dict:
+    """The versions every node must share with the driver (torch without its build suffix:
+    a CPU head's +cpu build and the GPU nodes' +cu130 are the same torch)."""
+    from importlib import metadata
+
+    return {"ray": metadata.version("ray"), "deepspeed": metadata.version("deepspeed"),
+            "torch": metadata.version("torch").split("+")[0]}
+
+
 def worker_info() -> dict:
     import ray
 
     ctx = ray.get_runtime_context()
     return {"rank": comm.get_rank(), "pid": os.getpid(), "host": socket.gethostname(),
-            "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+            "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "versions": versions()}
+
+
+def check_versions(driver: dict, workers: list[dict]) -> None:
+    """Every worker runs the driver's ray, deepspeed and torch (nodes installed at different
+    times drift; DeepSpeed's checkpoints and Ray's protocol change between releases)."""
+    differ = [w for w in workers if w["versions"] != driver]
+    if differ:
+        listed = "; ".join(f"rank {w['rank']} on {w['host']} ({w['node_ip']}): "
+                           + ", ".join(f"{k} {v}" for k, v in w["versions"].items()) for w in differ)
+        raise VersionMismatchError(
+            f"the workers must run the driver's versions ({', '.join(f'{k} {v}' for k, v in driver.items())}), but "
+            f"{listed}. Install every node from the same constraints.txt (tools/setup_env.sh) or the same image.")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -125,9 +146,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     run_id = comm.broadcast_object(loop_config["run_id"])
+    workers = comm.all_gather_object(worker_info())
+    check_versions(loop_config["versions"], workers)  # every rank raises alike: no one waits
     trainer = Trainer(cfg, Path(loop_config["run_dir"]), RayCheckpointer(run_id), device=device,
                       progress_bar=ray_progress_bar if loop_config["progress_bars"] else None)
-    workers = comm.all_gather_object(worker_info())
     trainer.metrics.emit({"event": "workers", "step": trainer.progress.step, "epoch": trainer.progress.epoch,
                           "workers": workers})
     trainer.fit()

@@ -298,3 +298,21 @@ def test_image_and_manifest_commands_name_what_exists():
     # the manifest runs the image the documented `docker build -t` makes
     built = {shlex.split(line)[shlex.split(line).index("-t") + 1] for line in usage_lines(RAYJOB) if " -t " in line}
     assert {pod["containers"][0]["image"] for _, pod in pod_specs(rayjob())} == built
+
+
+def pinned(package: str) -> str:
+    versions = re.findall(rf"^{package}==(\S+)$", (REPO / "constraints.txt").read_text(), re.MULTILINE)
+    assert len(versions) == 1, f"constraints.txt should pin {package} once"
+    return versions[0]
+
+
+def test_every_node_gets_the_ray_that_constraints_txt_pins():
+    """Nodes that install at different times must not get different Rays (a node of another
+    version is refused when it joins): the pin, the image every config starts from, and the
+    RayJob's rayVersion are one version."""
+    ray_version = pinned("ray")
+    pinned("deepspeed")
+    images = [args for op, args in dockerfile_instructions() if op == "FROM"]
+    images += [load_yaml(CLUSTER / name)["docker"]["image"] for name in LAUNCHER_CONFIGS]
+    assert images and all(image.startswith(f"rayproject/ray:{ray_version}-") for image in images), images
+    assert rayjob()["spec"]["rayClusterSpec"]["rayVersion"] == ray_version

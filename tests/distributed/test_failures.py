@@ -135,3 +135,18 @@ def test_a_relative_output_dir_in_a_job_with_uploaded_code_is_refused(tiny_data,
     err = capsys.readouterr().err
     assert "config key 'output_dir' = 'runs' is relative" in err and "output_dir=/shared/runs" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_worker_with_other_versions_than_the_driver_stops_the_run_naming_its_node():
+    """Nodes installed at different times drift (issue 13, bug 3): every worker reports its
+    ray/deepspeed/torch at the start and a difference ends the run, not retried."""
+    from ddetr_dist.dist.worker import check_versions, versions
+    from ddetr_dist.errors import NotRetryable
+
+    driver = versions()
+    assert set(driver) == {"ray", "deepspeed", "torch"} and "+" not in driver["torch"]
+    same = {"rank": 0, "host": "a", "node_ip": "10.0.0.1", "versions": dict(driver)}
+    check_versions(driver, [same])
+    other = {"rank": 1, "host": "gpu-7", "node_ip": "10.0.0.7", "versions": {**driver, "ray": "2.61.0"}}
+    with pytest.raises(NotRetryable, match=r"rank 1 on gpu-7 \(10.0.0.7\): ray 2.61.0.*constraints.txt"):
+        check_versions(driver, [same, other])
