@@ -35,7 +35,7 @@ from ddetr_dist.config import Config, ConfigError, check_training_config, config
     load_config, save_config, to_dict
 from ddetr_dist.dist.sweep_file import Sweep, apply_resources, copy_raw, plain, tune_search_space, with_values
 from ddetr_dist.dist.trainer import build_torch_trainer, check_backbone_weights, check_data, check_model, \
-    check_output_dir, check_resources, connect_ray, run_dir_of, write_run_files
+    check_output_dir, check_resources, cluster_nodes, connect_ray, run_dir_of, workers_that_fit, write_run_files
 
 log = logging.getLogger("ddetr_dist.tune")
 RESULTS_CSV = "results.csv"
@@ -110,13 +110,10 @@ def run_trial(params: dict, *, base: dict, sweep_dir: str, driver_cwd: str, use_
 def trials_that_fit(cfg: Config, use_gpu: bool) -> int:
     """How many trials the cluster can place at once (at least 1: check_resources has
     already failed when not even one fits)."""
-    import ray
-
-    total = ray.cluster_resources()
-    fit = int(total.get("CPU", 0) // (cfg.ray.num_workers * cfg.ray.cpus_per_worker))
-    if use_gpu:
-        fit = min(fit, int(total.get("GPU", 0) // cfg.ray.num_workers))
-    return max(1, fit)
+    # per node (a worker's resources are on one node), and with the nodes an autoscaler may
+    # add: a cap from the live nodes alone would hide the demand it scales up for
+    fit = workers_that_fit(cluster_nodes(), cfg.ray.cpus_per_worker, 1 if use_gpu else 0)
+    return max(1, fit // cfg.ray.num_workers)
 
 
 def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -76,6 +76,16 @@ def test_a_job_with_a_bad_config_fails_and_says_why(cluster, tiny_data, tmp_path
     assert "optim.lrr" in logs and "optim.lr" in logs, logs[-2000:]
 
 
+def test_a_worker_that_fits_the_cluster_but_no_node_fails_at_once(cluster, tiny_data, tmp_path):
+    # 2 CPUs in the cluster, 1 per node: summed over the cluster a 2-CPU worker fits, on no
+    # node does (Ray Train would retry starting it forever)
+    config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "wide")
+    done = submit(cluster, "job-wide", "--config", str(config), "ray.num_workers=1", "ray.cpus_per_worker=2")
+    assert done.returncode != 0
+    logs = cluster.ray("job", "logs", "job-wide").stdout
+    assert "each worker needs 2 CPU(s) on one node" in logs and "the largest has 1 CPUs" in logs, logs[-2000:]
+
+
 def test_a_stopped_job_resumes_when_submitted_again(cluster, tiny_data, tmp_path):
     config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "stopped")
     run_dir = tmp_path / "runs" / "stopped"

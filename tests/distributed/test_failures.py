@@ -150,3 +150,24 @@ def test_a_worker_with_other_versions_than_the_driver_stops_the_run_naming_its_n
     other = {"rank": 1, "host": "gpu-7", "node_ip": "10.0.0.7", "versions": {**driver, "ray": "2.61.0"}}
     with pytest.raises(NotRetryable, match=r"rank 1 on gpu-7 \(10.0.0.7\): ray 2.61.0.*constraints.txt"):
         check_versions(driver, [same, other])
+
+
+@pytest.mark.parametrize("nodes, overrides, fits", [
+    # 2 + 2 CPUs in all, but a worker of 3 CPUs fits on neither node (issue 13, bug 2)
+    ([{"CPU": 2}, {"CPU": 2}], ["ray.num_workers=1", "ray.cpus_per_worker=3"], False),
+    ([{"CPU": 2}, {"CPU": 2}], ["ray.num_workers=2", "ray.cpus_per_worker=2"], True),
+    # a CPU head and one 8-GPU node: 8 GPU workers fit, 9 do not
+    ([{"CPU": 4}, {"CPU": 96, "GPU": 8}], ["ray.num_workers=8", "ray.cpus_per_worker=8"], True),
+    ([{"CPU": 4}, {"CPU": 96, "GPU": 8}], ["ray.num_workers=9", "ray.cpus_per_worker=8"], False),
+    # GPUs on two nodes, too few CPUs beside them on one
+    ([{"CPU": 8, "GPU": 4}, {"CPU": 2, "GPU": 4}], ["ray.num_workers=6", "ray.cpus_per_worker=2"], False),
+])
+def test_workers_are_placed_per_node(nodes, overrides, fits):
+    from ddetr_dist.dist.trainer import check_resources
+
+    cfg = load_config(None, ["data.train_shards=x", *FROM_SCRATCH, *overrides])
+    if fits:
+        assert check_resources(cfg, nodes) == any("GPU" in n for n in nodes)
+        return
+    with pytest.raises(ConfigError, match=r"each worker needs \d+ CPU\(s\)( and 1 GPU)? on one node.*the largest has"):
+        check_resources(cfg, nodes)
