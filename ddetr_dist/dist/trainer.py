@@ -154,7 +154,10 @@ def cluster_nodes() -> list[dict]:
     from ray._private.state import state
 
     nodes = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
-    autoscaler = state.get_cluster_config()  # published by an autoscaler; None on a fixed cluster
+    try:
+        autoscaler = state.get_cluster_config()  # published by an autoscaler; None on a fixed cluster
+    except Exception:  # noqa: BLE001 - a Ray Client (ray://) driver has no GCS connection: live nodes only
+        autoscaler = None
     for group in autoscaler.node_group_configs if autoscaler is not None else ():
         nodes += [dict(group.resources)] * (group.max_count if group.max_count >= 0 else UNBOUNDED_NODES)
     return nodes
