@@ -290,6 +290,8 @@ def load_portable_optimizer(portable: dict, engine, optimizer: torch.optim.Optim
         lrs = [g["lr"] for g in optimizer.param_groups]
         for g in optimizer.param_groups:
             g["lr"] = 0.0
+        # a boundary whatever train.grad_accum is: only a boundary step makes the state
+        engine.set_gradient_accumulation_boundary(True)
         engine.backward(sum(p.sum() * 0.0 for _, p in trainable))
         engine.step()
         for g, lr in zip(optimizer.param_groups, lrs):

@@ -148,3 +148,18 @@ def test_model_final_loads_as_an_official_checkpoint_and_gives_the_engines_outpu
     torch.testing.assert_close(outputs["pred_logits"], out["pred_logits"], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outputs["pred_boxes"], out["pred_boxes"], rtol=1e-6, atol=1e-6)
     assert set(torch.load(tmp_path / "final" / "model_final.pth", weights_only=True)) >= {"model"}
+
+
+def test_a_portable_resume_into_gradient_accumulation_trains_on(tiny_data, tmp_path):
+    # the portable path's warm-up step must be an accumulation boundary, or it creates no
+    # optimizer state to load the moments into
+    run_dir = tmp_path / "accum"
+    common = ["name=accum", "data.num_workers=0"]
+    run_trainer(tiny_config(tiny_data, tmp_path, *common, "train.max_steps=2"), 1, run_dir)
+    out = run_trainer(tiny_config(tiny_data, tmp_path, *common, "train.max_steps=3", "data.batch_size=1",
+                                  "train.grad_accum=2"), 1, run_dir)
+    assert out["progress"]["step"] == 3 and out["progress"]["skipped_steps"] == 0
+    [resume] = [r for r in read_metrics(run_dir) if r.get("event") == "resume"]
+    assert resume["changed"] == ["data.batch_size 2 -> 1", "train.grad_accum 1 -> 2"]
+    # AdamW's step count went on from the checkpoint's 2, the warm-up step not counted
+    assert torch.load(run_dir / "checkpoints" / "step_00000003" / "portable.pt", weights_only=True)["adam_step"] == 3
