@@ -80,7 +80,7 @@ def average_(tensors: list[torch.Tensor]) -> None:
     """Each tensor replaced, in place, by its mean over ranks (one collective for all)."""
     if not is_distributed() or not tensors:
         return
-    flat = _backend_tensor(torch.cat([t.detach().reshape(-1).double().cpu() for t in tensors]))
+    flat = _backend_tensor(torch.cat([t.detach().reshape(-1).double() for t in tensors]))
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= get_world_size()
     offset = 0

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config, ConfigError, check_training_config, save_config, to_dict
+from ddetr_dist.dist.deepspeed_config import check_precision
 
 log = logging.getLogger("ddetr_dist.train")
 # Ray phones home unless told otherwise
@@ -62,18 +63,17 @@ def check_data(cfg: Config) -> None:
 
 
 def check_model(cfg: Config) -> None:
-    """The model of `cfg` can be built, before any worker starts: `check_model_config`, then
-    the whole detector built on PyTorch's meta device (shapes only: no memory, no weights
-    read, ~50 ms), so every check its constructors make (backbone depth and norm, frozen
-    stages, two-stage without box refinement, ...) fails here, naming the key, instead of
-    in every worker of every retry."""
+    """The model of `cfg` can be built, before any worker starts: the whole detector built on
+    PyTorch's meta device (shapes only: no memory, no weights read, ~50 ms), so every check
+    build_model and its constructors make (`check_model_config`, backbone depth and norm,
+    frozen stages, two-stage without box refinement, ...) fails here, naming the key,
+    instead of in every worker of every retry."""
     import torch
 
-    from ddetr_dist.models.build import build_model, check_model_config
+    from ddetr_dist.models.build import build_model
 
     model = dataclasses.replace(cfg.model, backbone_weights="")  # read by the workers
     try:
-        check_model_config(model)
         with torch.device("meta"):
             build_model(dataclasses.replace(cfg, model=model))
     except ValueError as e:
@@ -203,15 +203,22 @@ def write_run_files(cfg: Config, run_dir: Path) -> None:
     atomic_write_bytes(run_dir / "deepspeed_config.json", json.dumps(ds, indent=1).encode())
 
 
-def train(cfg: Config) -> RunResult:
-    """Run (or resume) `cfg` to the end on Ray. Raises ConfigError before any worker
-    starts, TrainingFailed when the workers fail more than `ray.max_failures` times, or
-    once with an error a restart would meet again (ddetr_dist.dist.failures)."""
+def check_before_start(cfg: Config) -> None:
+    """Everything about `cfg` that can be checked before Ray starts (`ddetr train`, and
+    `ddetr tune` for its trials' base config): ConfigError naming the key."""
     check_training_config(cfg)
+    check_precision(cfg)
     check_output_dir(cfg)
     check_model(cfg)
     check_backbone_weights(cfg)
     check_data(cfg)
+
+
+def train(cfg: Config) -> RunResult:
+    """Run (or resume) `cfg` to the end on Ray. Raises ConfigError before any worker
+    starts, TrainingFailed when the workers fail more than `ray.max_failures` times, or
+    once with an error a restart would meet again (ddetr_dist.dist.failures)."""
+    check_before_start(cfg)
     run_dir = run_dir_of(cfg)
     started_ray = connect_ray(cfg)
     try:

@@ -31,11 +31,11 @@ from typing import Optional
 import yaml
 
 from ddetr_dist.atomic import atomic_write_bytes
-from ddetr_dist.config import Config, ConfigError, check_training_config, config_from_dict, config_to_yaml, \
+from ddetr_dist.config import Config, ConfigError, config_from_dict, config_to_yaml, \
     load_config, save_config, to_dict
 from ddetr_dist.dist.sweep_file import Sweep, apply_resources, copy_raw, plain, tune_search_space, with_values
-from ddetr_dist.dist.trainer import build_torch_trainer, check_backbone_weights, check_data, check_model, \
-    check_output_dir, check_resources, cluster_nodes, connect_ray, run_dir_of, workers_that_fit, write_run_files
+from ddetr_dist.dist.trainer import build_torch_trainer, check_before_start, check_model, check_resources, \
+    cluster_nodes, connect_ray, run_dir_of, workers_that_fit, write_run_files
 
 log = logging.getLogger("ddetr_dist.tune")
 RESULTS_CSV = "results.csv"
@@ -213,11 +213,7 @@ def run_sweep(base: Config, sweep: Sweep, retry_errored: bool = False) -> SweepR
     """Run (or resume) the sweep to its end; -> the table's rows and the best config.
     Raises ConfigError before any trial starts."""
     trial_base = apply_resources(base, sweep.resources)
-    check_training_config(trial_base)
-    check_output_dir(trial_base)
-    check_model(trial_base)
-    check_backbone_weights(trial_base)
-    check_data(trial_base)
+    check_before_start(trial_base)
     sweep_dir = sweep_dir_of(base, sweep)
     started_ray = connect_ray(trial_base)
     try:

@@ -261,8 +261,7 @@ class Trainer:
     def _optimizer_step(self, window: list, times: StepTimes) -> None:
         p, t = self.progress, self.cfg.train
         self.lrs = set_learning_rates(self.optimizer, self.cfg.optim, p.step, p.epoch)
-        poison = set(range(len(window))) if p.step in self.nonfinite_at else set()
-        result = self.stepper.run(window, self._window_num_boxes(window), times, poison,
+        result = self.stepper.run(window, self._window_num_boxes(window), times, p.step in self.nonfinite_at,
                                   loss_factor=2.0 ** 100 if p.step in self.overflow_at else 1.0)
         self.last_step = result
         p.step += 1
@@ -352,6 +351,7 @@ class Trainer:
     def save_final_model(self) -> Path:
         """`model_final.pth`: the consolidated fp32 model as {'model': state_dict} with the
         official names (plus our config, which the official code ignores)."""
+        train_state.average_batchnorm_statistics(self.engine.module)
         portable = train_state.portable_state(self.engine, self.optimizer, self.cfg.train.zero_stage)
         path = self.run_dir / FINAL_MODEL
         if self.rank == 0:

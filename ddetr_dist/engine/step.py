@@ -112,15 +112,15 @@ class WindowStep:
 
         self.engine.allreduce_gradients = timed
 
-    def run(self, window: list, num_boxes: float, times: StepTimes, poison: set[int] = frozenset(),
+    def run(self, window: list, num_boxes: float, times: StepTimes, poisoned: bool = False,
             loss_factor: float = 1.0) -> StepResult:
-        """Forward/backward/step every micro-batch of `window`. `poison`: micro-batch indices
-        whose loss is made NaN, `loss_factor` multiplies the loss (fault injection for tests)."""
+        """Forward/backward/step every micro-batch of `window`. `poisoned` makes every loss
+        NaN, `loss_factor` multiplies them (fault injection for tests)."""
         bad = False
         for index, (images, padding_mask, targets) in enumerate(window):
             boundary = index == len(window) - 1
             self.engine.set_gradient_accumulation_boundary(boundary)
-            loss = self._forward(images, padding_mask, targets, num_boxes, times, index in poison, loss_factor)
+            loss = self._forward(images, padding_mask, targets, num_boxes, times, poisoned, loss_factor)
             finite = not comm.any_rank(not bool(torch.isfinite(loss)))
             bad = bad or not finite
             if boundary:

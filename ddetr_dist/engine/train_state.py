@@ -184,7 +184,6 @@ def portable_state(engine, optimizer: torch.optim.Optimizer, zero_stage: int) ->
     """World-size-free model + optimizer state; collective, the result on rank 0 only."""
     rank0 = comm.get_rank() == 0
     module = engine.module
-    average_batchnorm_statistics(module)
     relink_optimizer_fragments(engine)
     own = module.state_dict()  # the keys (and buffers) in the official order
     # shared heads appear under several keys: gather each parameter once
