@@ -19,12 +19,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("ddetr_dist.data.shard", "write COCO images + annotations as webdataset tar shards"),
     "bench": ("ddetr_dist.bench", "benchmarks: msda (the attention op), data (the loader), train (the train loop)"),
     "convert-checkpoint": ("ddetr_dist.models.convert", "convert between official and ddetr_dist checkpoints"),
+    "doctor": ("ddetr_dist.doctor", "report versions, GPUs, the op's build, the Ray cluster and output_dir (for bug reports)"),
 }
 
 
 def _overview() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: ddetr COMMAND [options]   (ddetr COMMAND --help for its options)", "",
+    lines = ["usage: ddetr COMMAND [options]   (ddetr COMMAND --help for its options; ddetr --version)", "",
              "Distributed training of Deformable DETR.", "", "commands:"]
     lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     return "\n".join(lines)
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_overview())
+        return 0
+    if argv[0] in ("-V", "--version"):  # reads package metadata only: as instant as --help
+        from ddetr_dist.doctor import version_line
+
+        print(version_line())
         return 0
     name = argv[0]
     if name not in COMMANDS:

@@ -5,8 +5,10 @@
 PATH: a released official checkpoint, our model_final.pth, a run directory (its newest
 checkpoint) or one checkpoint folder. The config: --config, else the run's config.yaml,
 else configs/demo.yaml; the model's shape comes from the checkpoint. One process, or Ray
-workers when ray.num_workers > 1 (each evaluates its share; rank 0 scores). Prints the AP
-table; writes detections.json (COCO results) and metrics.json into --out (default: the
+workers when ray.num_workers > 1 (each evaluates its share; rank 0 scores and sends the
+results back through Ray; the workers read the checkpoint and the data, so on a cluster
+those must be on shared storage, as for training). Prints the AP table; writes
+detections.json (COCO results) and metrics.json into --out on this machine (default: the
 run's eval/<name>/, else ./eval-<checkpoint name>/).
 
 examples:
@@ -53,43 +55,7 @@ def evaluate_here(checkpoint: str, config: str | None, overrides: list[str], out
     return weights, evaluate(model, criterion, postprocess, cfg, device, out_dir)
 
 
-def eval_loop_per_worker(loop_config: dict) -> None:
-    from ddetr_dist.dist.worker import enter_driver_directory
-
-    enter_driver_directory(loop_config["cwd"])
-    torch.set_num_threads(loop_config["threads"])
-    evaluate_here(loop_config["checkpoint"], loop_config["config"], loop_config["overrides"], Path(loop_config["out"]))
-
-
-def evaluate_on_ray(args, cfg, out_dir: Path) -> None:
-    import os
-    import tempfile
-
-    from ray.train import RunConfig
-    from ray.train.torch import TorchTrainer
-
-    from ddetr_dist.dist.trainer import check_resources, connect_ray, scaling_config, torch_config
-
-    started = connect_ray(cfg)
-    try:
-        use_gpu = check_resources(cfg)
-        TorchTrainer(eval_loop_per_worker,
-                     train_loop_config={"checkpoint": str(Path(args.checkpoint).resolve()), "config": args.config,
-                                        "overrides": args.overrides, "out": str(out_dir.resolve()),
-                                        "cwd": os.getcwd(), "threads": cfg.ray.cpus_per_worker},
-                     torch_config=torch_config(use_gpu), scaling_config=scaling_config(cfg, use_gpu),
-                     run_config=RunConfig(name="eval", storage_path=tempfile.mkdtemp(prefix="ddetr-eval-"))).fit()
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-
-
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from ddetr_dist.engine.evaluate import EvalResult
     from ddetr_dist.engine.inference import load_trained, resolve_weights
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
         if not cfg.data.val_shards:
             raise ConfigError("config key 'data.val_shards' is empty: point it at the shards to evaluate on")
         if cfg.ray.num_workers > 1:
-            evaluate_on_ray(args, cfg, out_dir)
-            saved = json.loads((out_dir / "metrics.json").read_text())
-            result = EvalResult(saved["metrics"], saved["per_category_AP"], out_dir)
+            from ddetr_dist.dist.eval_workers import evaluate_on_ray
+
+            result = evaluate_on_ray(cfg, weights, out_dir)  # the workers send back; the driver writes out_dir
         else:
             weights, result = evaluate_here(args.checkpoint, args.config, args.overrides, out_dir)
     except (ConfigError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:

@@ -12,8 +12,10 @@
 #   --no-wait       submit and return (follow with `ray job logs -f ID`, stop with `ray job stop ID`)
 # Environment:
 #   RAY_ADDRESS        the cluster's job server, http://HEAD:8265 (required)
-#   RAY_AUTH_TOKEN     the cluster's token, when it uses token authentication (the Ray >= 2.52
-#                      default off localhost); or the file ~/.ray/auth_token
+#   RAY_AUTH_TOKEN     the cluster's token (token authentication, which every cluster config
+#                      here turns on); or the file ~/.ray/auth_token, or RAY_AUTH_TOKEN_PATH.
+#                      When one is found, RAY_AUTH_MODE=token is set for `ray job submit`
+#                      (Ray's client sends no token without it)
 #   DDETR_JOB_ID       the job's submission id (default: ddetr-<date>-<time>-<random>)
 #   DDETR_WORKING_DIR  folder uploaded as the job's working_dir (default: this checkout: the
 #                      cluster runs this code); "none" when the cluster's image has ddetr_dist
@@ -36,6 +38,10 @@ fi
 if [ -z "${RAY_ADDRESS:-}" ]; then
   echo "launch/submit.sh: set RAY_ADDRESS to the cluster's job server, e.g. http://HEAD:8265" >&2
   exit 2
+fi
+if [ -z "${RAY_AUTH_MODE:-}" ] && { [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -n "${RAY_AUTH_TOKEN_PATH:-}" ] ||
+                                   [ -f "$HOME/.ray/auth_token" ]; }; then
+  export RAY_AUTH_MODE=token
 fi
 job_id=${DDETR_JOB_ID:-ddetr-$(date +%Y%m%d-%H%M%S)-$RANDOM}
 working_dir=${DDETR_WORKING_DIR:-$repo}

@@ -26,7 +26,8 @@ def repository_files() -> list[Path]:
         listed = None
     if listed is None or listed.returncode != 0:
         return [p.relative_to(REPO) for p in REPO.rglob("*") if p.is_file() and ".venv" not in p.parts]
-    return [Path(name) for name in listed.stdout.decode().split("\0") if name]
+    # --cached lists a file deleted but not yet committed: only what is there is checked
+    return [Path(name) for name in listed.stdout.decode().split("\0") if name and (REPO / name).exists()]
 
 
 def is_shell_script(path: Path) -> bool:

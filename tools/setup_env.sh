@@ -12,16 +12,15 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ]; then exit 0; fi
 # A GPU image ships its own (CUDA) torch in the system Python: keep it, never replace it.
 system_torch=$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
 venv_flags=()
-constraints=constraints.txt
 if [ -n "$system_torch" ]; then
   echo "setup: keeping the machine's torch $system_torch"
   venv_flags+=(--system-site-packages)
-  constraints="$VENV/constraints.txt"
 fi
 [ -d "$VENV" ] || "$PYTHON" -m venv "${venv_flags[@]}" "$VENV"
-if [ -n "$system_torch" ]; then
-  sed "s/^torch==.*/torch==${system_torch}/" constraints.txt > "$constraints"
-fi
+# The venv's own copy, with the torch it really has: what pip on this node must keep
+# (the cluster configs point PIP_CONSTRAINT at it, so a job's runtime_env pip uses it too).
+constraints="$VENV/constraints.txt"
+sed "s/^torch==.*/torch==${system_torch:-$(sed -n 's/^torch==//p' constraints.txt)}/" constraints.txt > "$constraints"
 # The machine's pip config names local indexes that may be absent: drop pip's notes about
 # them so real errors stand out.
 pip() {

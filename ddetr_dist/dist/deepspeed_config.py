@@ -12,7 +12,15 @@ skipped too) and clips the still-scaled gradients. The loop runs the loss scale 
 ZeRO-0 (engine/step.py)."""
 from __future__ import annotations
 
+import logging
+import os
+from types import SimpleNamespace
+
+import torch
+
 from ddetr_dist.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
@@ -52,3 +60,24 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if t.precision in AUTOCAST_DTYPES:
         config["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[t.precision]}
     return config
+
+
+def bind_deepspeed_to(device: torch.device) -> SimpleNamespace | None:
+    """Make DeepSpeed use `device`, this worker's GPU as Ray Train chose it; -> the `args`
+    for deepspeed.initialize (None on CPU: nothing to choose).
+
+    Ray Train picks the GPU by its position in CUDA_VISIBLE_DEVICES, which Ray sorts as
+    strings ("0,1,10,11,2,...") while LOCAL_RANK counts as integers: with more than 10 GPUs
+    per node, DeepSpeed's set_device(LOCAL_RANK) would put two ranks on one GPU. So the
+    device is the one source: the engine reads args.device_rank before LOCAL_RANK
+    (DeepSpeed 0.19, `_set_distributed_vars`), and ZeRO-3's zero.Init and its rank checks
+    read the LOCAL_RANK variable itself, so that is set to the device's index too."""
+    if device.type != "cuda":
+        return None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    torch.cuda.set_device(index)
+    if os.environ.get("LOCAL_RANK") != str(index):
+        log.info("LOCAL_RANK %s -> %d for DeepSpeed: the index of this worker's GPU (cuda:%d)",
+                 os.environ.get("LOCAL_RANK"), index, index)
+        os.environ["LOCAL_RANK"] = str(index)
+    return SimpleNamespace(device_rank=index)

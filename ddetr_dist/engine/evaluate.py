@@ -2,17 +2,20 @@
 
 Every rank runs the exact-once eval loader over its share of the val shards, post-processes
 to original-image pixels and keeps its detections; after the loop (ranks may hold one
-batch more than another) they are gathered on rank 0 only, written as `detections.json`
-(COCO results format) and scored with pycocotools' COCOeval (bbox). The ground truth is
+batch more than another) they are gathered on rank 0 only, serialized as `detections.json`
+(COCO results format) and scored with pycocotools' COCOeval (bbox). Rank 0 writes them
+into the out dir; given none (Ray workers, which may not see the driver's file system) it
+hands the bytes to its caller instead, to send where they are written. The ground truth is
 read from the val shards' own JSON records (crowd regions included) or from a COCO
 annotation file (`data.val_annotations`); both give the same numbers.
 
 Memory: each rank holds its own detections once; rank 0 holds the gathered list until it
-is written, then pycocotools' copy (read back from the file).
+is serialized, then those bytes and pycocotools' copy.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -38,6 +41,9 @@ class EvalResult:
     metrics: dict  # AP names -> value, 'val_loss', 'images', 'detections'
     per_category: dict = field(default_factory=dict)  # category name -> AP
     out_dir: Path | None = None
+    # detections.json's bytes, on rank 0 of an evaluation given no out dir (its caller writes
+    # them); never broadcast to the other ranks (tens of MB for COCO val)
+    detections_json: bytes | None = field(default=None, repr=False)
 
     def table(self) -> str:
         lines = ["  ".join(f"{k:>6}" for k in REPORTED), "  ".join(f"{self.metrics[k]:6.3f}" for k in REPORTED)]
@@ -165,12 +171,13 @@ def outputs_to_float(outputs):
 # ------------------------------------------------------------------ scoring
 
 
-def score(gt: dict, detections_file: Path) -> tuple[dict, dict]:
-    """COCOeval (bbox) of the detections in `detections_file` -> (metrics, per-category AP)."""
+def score(gt: dict, detections: Path | bytes) -> tuple[dict, dict]:
+    """COCOeval (bbox) of the detections (a COCO results file, or its bytes) -> (metrics,
+    per-category AP)."""
     from pycocotools.cocoeval import COCOeval
 
     coco_gt = coco_api(gt)
-    detections = json.loads(detections_file.read_text())
+    detections = json.loads(detections if isinstance(detections, bytes) else Path(detections).read_bytes())
     if not detections:  # pycocotools cannot load an empty result list
         return {name: 0.0 for name in STAT_NAMES}, {c["name"]: 0.0 for c in gt["categories"]}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -191,10 +198,21 @@ def score(gt: dict, detections_file: Path) -> tuple[dict, dict]:
     return metrics, per_category
 
 
-def evaluate(model, criterion, postprocess, cfg: Config, device, out_dir: Path, gt: dict | None = None,
+def write_results(out_dir: Path, result: EvalResult, detections_json: bytes) -> None:
+    """`out_dir/detections.json` (COCO results), then `out_dir/metrics.json` (last: it marks
+    a finished evaluation, which the train loop looks for after a resume)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "detections.json", detections_json)
+    saved = {"metrics": result.metrics, "per_category_AP": result.per_category}
+    atomic_write_bytes(out_dir / "metrics.json", json.dumps(saved, indent=1).encode())
+
+
+def evaluate(model, criterion, postprocess, cfg: Config, device, out_dir: Path | None, gt: dict | None = None,
              progress: bool = True, lockstep: bool = False) -> EvalResult:
     """Collective: every rank calls it. -> the same EvalResult on every rank; rank 0 writes
-    `out_dir/detections.json` and `out_dir/metrics.json`."""
+    `out_dir/detections.json` and `out_dir/metrics.json`. With `out_dir` None nothing is
+    written: rank 0's result carries detections.json's bytes (`detections_json`) instead."""
     from ddetr_dist.data import build_eval_loader
 
     start = time.perf_counter()
@@ -204,18 +222,18 @@ def evaluate(model, criterion, postprocess, cfg: Config, device, out_dir: Path, 
     loss_total, images_total = comm.all_reduce_sum([loss_sum, images])
     gathered = comm.gather_object(detections)
     del detections
-    result = None
+    result = detections_json = None
     if comm.get_rank() == 0:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        detections_file = out_dir / "detections.json"
         count = sum(len(d) for d in gathered)
-        atomic_write_bytes(detections_file, json.dumps([d for part in gathered for d in part]).encode())
+        detections_json = json.dumps([d for part in gathered for d in part]).encode()
         del gathered
-        metrics, per_category = score(gt if gt is not None else ground_truth(cfg), detections_file)
+        metrics, per_category = score(gt if gt is not None else ground_truth(cfg), detections_json)
         metrics.update({"val_loss": loss_total / max(images_total, 1), "images": int(images_total),
                         "detections": count, "eval_seconds": round(time.perf_counter() - start, 1)})
-        result = EvalResult(metrics, per_category, out_dir)
-        atomic_write_bytes(out_dir / "metrics.json",
-                           json.dumps({"metrics": metrics, "per_category_AP": per_category}, indent=1).encode())
-    return comm.broadcast_object(result)
+        result = EvalResult(metrics, per_category, None if out_dir is None else Path(out_dir))
+        if out_dir is not None:
+            write_results(out_dir, result, detections_json)
+    result = comm.broadcast_object(result)  # without the bytes: the other ranks have no use for them
+    if comm.get_rank() == 0 and out_dir is None:
+        result = dataclasses.replace(result, detections_json=detections_json)
+    return result

@@ -89,7 +89,7 @@ class Trainer:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed  # the engine's dependency, not the model's
 
-        from ddetr_dist.dist.deepspeed_config import deepspeed_config
+        from ddetr_dist.dist.deepspeed_config import bind_deepspeed_to, deepspeed_config
 
         self.cfg, self.run_dir, self.checkpointer = cfg, Path(run_dir), checkpointer
         self.device = device or torch.device("cpu")
@@ -124,7 +124,8 @@ class Trainer:
                 portable = train_state.load_portable_model(resume_dir, model)
             model.to(self.device)
             self.optimizer = build_optimizer(model, cfg.optim, cfg.model)
-            self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config,
+            self.engine, *_ = deepspeed.initialize(args=bind_deepspeed_to(self.device), model=model,
+                                                   optimizer=self.optimizer, config=self.ds_config,
                                                    dist_init_required=False)
             self.loss_scaler = install_loss_scaler(self.engine, self.device, cfg.train.loss_scale_power,
                                                    cfg.train.loss_scale_window) \

@@ -7,18 +7,20 @@ flags, torch/CUDA/Python versions, CPU instruction set, CUDA architectures), so 
 directory is never rebuilt in place while another process has the library loaded, and
 nodes with different CPUs or GPUs sharing one cache never load each other's binaries.
 
-One process builds, the others wait: an fcntl.flock on our own lock file in the build
-directory (on NFS, Linux maps flock to a POSIX lock the server arbitrates, so nodes
-sharing one cache wait for each other too). The kernel releases a flock when its
-holder dies, so a killed build leaves no lock behind that blocks anyone. torch's own
-FileBaton (`lock` in the build directory) is an O_EXCL file that a killed build *does*
-leave behind, and torch would then wait on it forever; as every builder takes our flock
-first, a `lock` file seen while holding it is stale and is removed before calling torch.
+One process builds while the others wait, under build_lock.build_folder_lock (an flock
+and an owner record that hold across the nodes sharing a cache; see build_lock.py).
+torch's own FileBaton (`lock` in the build directory) is an O_EXCL file that a killed
+build leaves behind, and torch would then wait on it forever; a `lock` file seen while
+holding our lock is stale and is removed before calling torch.
+
+On a GPU a failed build is an error (dispatch.py), not a silent fallback to the slow
+reference; `python -m ddetr_dist.ops --check [--device cuda]` builds and runs the
+op once and exits non-zero with the compiler's message, e.g. in a Slurm script before
+Ray starts.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import argparse
 import hashlib
 import logging
 import os
@@ -28,9 +30,11 @@ import threading
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
 import torch
+
+from .build_lock import build_folder_lock
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,6 @@ SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "msda"
 CPU_SOURCES = ("msda_bindings.cpp", "msda_cpu.cpp")
 CUDA_SOURCES = ("msda_cuda.cu",)
 SOURCE_SUFFIXES = (".h", ".cpp", ".cu")  # every such file in SOURCE_DIR is in the cache key
-OUR_LOCK = "ddetr_build.lock"
 TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton in the build directory
 FALLBACK_HINT = "fall back to the pure-PyTorch reference with backend='torch' or DDETR_MSDA_BACKEND=torch"
 
@@ -121,23 +124,6 @@ def build_spec() -> dict:
     return spec
 
 
-@contextlib.contextmanager
-def node_lock(lock_path: Path, what: str) -> Iterator[None]:
-    """Exclusive flock on lock_path for the duration; waits (and says so) while another
-    process holds it. Released by the kernel if this process dies."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process %s (lock %s)", what, lock_path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def stage_sources(build_dir: Path) -> Path:
     """Copy csrc/msda into the build folder and build from there: ninja keys its work by the
     source paths, so building from each checkout's own csrc (or each upload of a Ray job's
@@ -155,9 +141,8 @@ def stage_sources(build_dir: Path) -> Path:
 
 
 def locked_build(build_dir: Path, build: Callable[[], T]) -> T:
-    """Run build() under the node lock of build_dir, after removing a stale torch lock."""
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with node_lock(build_dir / OUR_LOCK, f"building {build_dir.name}"):
+    """Run build() under the lock of build_dir, after removing a stale torch lock."""
+    with build_folder_lock(build_dir, f"building {build_dir.name}"):
         stale = build_dir / TORCH_LOCK
         if stale.exists():
             logger.warning("removing stale torch extension lock %s (left by a killed build)", stale)
@@ -228,3 +213,46 @@ def get_extension() -> ModuleType:
         if _failure is not None:
             raise _failure
         return _extension
+
+
+def check(device: str, run: bool) -> str:
+    """Build (or load) the op for `device` ("cpu" or "cuda"), optionally run it once against
+    the reference; -> where it is. Raises BuildError saying why not."""
+    if device == "cuda":
+        possible, why = cuda_build_possible()
+        if not possible:
+            raise BuildError(why)
+    extension = get_extension()
+    if device == "cuda" and not extension.with_cuda:
+        raise BuildError(f"the extension at {extension.__file__} has no CUDA kernels")
+    if run:  # a build for the wrong GPU architectures fails only here ("no kernel image")
+        from .compiled import ms_deform_attn_compiled
+        from .reference import ms_deform_attn_torch
+
+        shapes = torch.tensor([[3, 4], [2, 2]], device=device)
+        args = (torch.randn(2, 16, 2, 8, device=device), shapes, torch.tensor([0, 12], device=device),
+                torch.rand(2, 5, 2, 2, 2, 2, device=device), torch.rand(2, 5, 2, 2, 2, device=device))
+        error = (ms_deform_attn_compiled(*args) - ms_deform_attn_torch(*args)).abs().max().item()
+        if not error < 1e-4:
+            raise BuildError(f"the op at {extension.__file__} runs but differs from the reference by {error:g}")
+    return extension.__file__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddetr_dist.ops",
+                                     description="Build the MSDA op (once per cache directory); exit 1 if it cannot.")
+    parser.add_argument("--check", action="store_true", help="also run it once and compare with the reference")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # building / waiting for another node, on stderr
+    try:
+        where = check(args.device, args.check)
+    except (BuildError, RuntimeError) as error:  # RuntimeError: a CUDA error while running it
+        print(f"msda op: cannot be used on {args.device}: {error}", flush=True)
+        return 1
+    print(f"msda op: compiled ({args.device}{', checked' if args.check else ''}) at {where}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # the entry is ddetr_dist/ops/__main__.py; fail loudly, not as a silent no-op
+    sys.exit("run: python -m ddetr_dist.ops --check [--device cpu|cuda]")

@@ -6,10 +6,13 @@ Backends:
   torch  the pure-PyTorch reference (any device; slow)
 
 The choice, first match wins: the `backend=` argument, the DDETR_MSDA_BACKEND environment
-variable, else "auto": the compiled kernel for the value's device, falling back to
-`torch` with one logged warning when the extension cannot be built. A compiled backend
-asked for by name that cannot be used raises BackendUnavailableError saying what failed
-and how to fall back.
+variable, else "auto": the compiled kernel for the value's device. When the extension
+cannot be built, "auto" falls back to `torch` with one logged warning on the CPU, but on a
+GPU raises BackendUnavailableError with the compiler's message: the reference is many
+times slower, and a run of many GPUs should not drift into it unnoticed (choose it
+explicitly with backend="torch" / DDETR_MSDA_BACKEND=torch). A compiled backend asked
+for by name that cannot be used raises BackendUnavailableError saying what failed and
+how to fall back.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from ddetr_dist.errors import NotRetryable
 
 from . import build
 from .checks import check_ms_deform_attn_inputs
@@ -31,8 +36,10 @@ BACKENDS = ("cuda", "cpu", "torch")
 CHOICES = ("auto",) + BACKENDS
 
 
-class BackendUnavailableError(RuntimeError):
-    """A compiled backend was asked for by name and cannot run here."""
+class BackendUnavailableError(NotRetryable):
+    """A compiled backend (asked for by name, or the automatic one on a GPU) cannot run
+    here. NotRetryable: a restarted worker on the same node rebuilds, fails the same way,
+    and would do so ray.max_failures times over."""
 
 
 _warned_fallback = False
@@ -73,11 +80,15 @@ def resolve_backend(backend: str | None, device_type: str) -> str:
         try:
             extension = build.get_extension()
         except build.BuildError as error:
+            if device_type == "cuda":
+                raise BackendUnavailableError(f"ms_deform_attn: the compiled op for GPU tensors is unavailable: "
+                                              f"{error}") from error
             _warn_fallback_once(str(error))
             return "torch"
         if device_type == "cuda" and not extension.with_cuda:
-            _warn_fallback_once(f"the extension has no CUDA kernels: {build.cuda_build_possible()[1]}")
-            return "torch"
+            raise BackendUnavailableError(f"ms_deform_attn: the compiled op has no CUDA kernels: "
+                                          f"{build.cuda_build_possible()[1] or 'built without them'}. "
+                                          f"Make a CUDA toolkit available, or {build.FALLBACK_HINT}.")
         return device_type
     if name == "cuda":
         possible, why = build.cuda_build_possible()

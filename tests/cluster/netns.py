@@ -1,10 +1,12 @@
 """Machines for cluster tests, made on this one: Linux network namespaces, each with its own
-address on a private bridge, as close to separate nodes as one machine gets (they share
-the file system, as nodes share an NFS mount). Needs root and `ip`; `available()` says
-why not otherwise.
+address on a private bridge and its own host name that every node resolves through its
+hosts file, as close to separate nodes as one machine gets (they share the file system,
+as nodes share an NFS mount, unless a caller gives a node a private one: `private_fs.py`).
+Needs root and `ip`; `available()` says why not otherwise.
 
     with Network("ddr", 2) as net:          # namespaces ddr0, ddr1; bridge ddr-br
         net.nodes[0].address                 # '10.213.7.2'
+        net.nodes[0].name                    # 'ddr-node0', in every node's /etc/hosts
         net.popen(0, ["ray", "start", ...])  # a process inside node 0
 """
 from __future__ import annotations
@@ -57,21 +59,39 @@ def stop_processes(processes, timeout: float) -> None:
 class Node:
     namespace: str
     address: str
+    name: str  # its host name: what the other nodes' hosts files map to `address`
 
 
 class Network:
     """`count` namespaces `<prefix>0..` on the bridge `<prefix>-br`, subnet 10.213.X.0/24
     (X from the prefix, so two networks with different prefixes coexist). This machine
-    (the root namespace) is 10.213.X.1 on the bridge and can reach every node."""
+    (the root namespace) is 10.213.X.1 on the bridge and can reach every node.
 
-    def __init__(self, prefix: str, count: int):
+    `loopback_names`: each node's own name resolves, on that node, to 127.0.1.1 (what
+    Debian and Ubuntu write into /etc/hosts at install), as on clusters whose nodes find
+    each other through DNS; the other nodes' names still resolve to their addresses."""
+
+    def __init__(self, prefix: str, count: int, loopback_names: bool = False):
         if len(prefix) > 8:
             raise ValueError("prefix: at most 8 characters (interface names are short)")
         self.prefix, self.count = prefix, count
         self.subnet = 10 + zlib.crc32(prefix.encode()) % 240
         self.bridge = f"{prefix}-br"
         self.host_address = f"10.213.{self.subnet}.1"
-        self.nodes = [Node(f"{prefix}{i}", f"10.213.{self.subnet}.{i + 2}") for i in range(count)]
+        self.nodes = [Node(f"{prefix}{i}", f"10.213.{self.subnet}.{i + 2}", f"{prefix}-node{i}") for i in range(count)]
+        self.loopback_names = loopback_names
+
+    def hosts_file(self, node: Node) -> str:
+        """`node`'s /etc/hosts: localhost, every node by name, and this machine's own name at
+        the node's address (gloo and Ray find a node's address through the host name, which
+        `ip netns exec` leaves as this machine's)."""
+        lines = ["127.0.0.1 localhost"]
+        if self.loopback_names:
+            lines.append(f"127.0.1.1 {node.name}")
+        lines += [f"{other.address} {other.name}" for other in self.nodes
+                  if not (self.loopback_names and other is node)]
+        lines.append(f"{node.address} {socket.gethostname()}")
+        return "\n".join(lines) + "\n"
 
     def __enter__(self) -> "Network":
         self.remove()  # what a killed earlier run left
@@ -88,9 +108,7 @@ class Network:
                 etc = Path("/etc/netns") / node.namespace
                 etc.mkdir(parents=True, exist_ok=True)
                 (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-                # and the host name means this node's address, as on a real machine (gloo and
-                # Ray find a node's own address through it)
-                (etc / "hosts").write_text(f"127.0.0.1 localhost\n{node.address} {socket.gethostname()}\n")
+                (etc / "hosts").write_text(self.hosts_file(node))
                 _ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
                 _ip("link", "set", node_end, "netns", node.namespace)
                 _ip("link", "set", host_end, "master", self.bridge)

@@ -1,8 +1,12 @@
-"""A real multi-node Ray cluster on this machine: one `ray start` per network namespace
-(`netns.Network`), each node with its own address, its own temp dir and 1 CPU, so that 2
-training workers must land on 2 nodes. The dashboard (job submission) listens on the head
-node's address; this machine reaches it over the bridge, as a laptop reaches a cluster.
-The nodes share the file system: it plays the NFS mount a real cluster's run directory needs."""
+"""A real multi-node Ray cluster on this machine, made like a cloud one: one `ray start` per
+network namespace (`netns.Network`), each node with its own address and host name (the
+workers join the head by name), its own file system (`private_fs`: a private /tmp and no
+checkout of this repository; only the shared directory, the NFS mount of a real cluster,
+and the Python environment, a real node's image, are common), and token authentication on.
+The head offers no CPU (a CPU head: the driver, the dashboard, no training worker); each
+worker node 1 CPU, so 2 training workers land on 2 nodes. Clients (`ray job submit`) run
+on this machine, outside the cluster, set up as the README tells a user: the cluster's
+token in ~/.ray/auth_token (`client_env`)."""
 from __future__ import annotations
 
 import json
@@ -11,55 +15,92 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from .netns import Network, stop_processes
+from .private_fs import node_command
 
-VENV_BIN = Path(sys.executable).parent
-RAY = str(VENV_BIN / "ray")
+REPO = Path(__file__).resolve().parents[2]
+VENV = Path(sys.executable).parent.parent
+RAY = str(VENV / "bin" / "ray")
 GCS_PORT, DASHBOARD_PORT = 6379, 8265
+NODE_CPUS = (0, 1, 1)  # head, workers
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what single-node runs here set, to keep Ray on
 # 127.0.0.1) also refuses a second node: these nodes need it on
 NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
-            # the nodes' `python` and `ddetr` are this checkout's venv, as a cluster image's would be
-            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+            # the nodes' `python` and `ray` are this venv (their image's), without our package
+            "PATH": f"{VENV / 'bin'}:{os.environ.get('PATH', '')}"}
+NOT_FOR_NODES = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "PYTHONPATH")
+
+
+def extensions_root() -> Path:
+    from ddetr_dist.ops.build import extensions_root as root
+
+    return root()
 
 
 class RayCluster:
-    def __init__(self, net: Network, workdir: Path):
-        self.net, self.workdir = net, workdir
+    def __init__(self, net: Network, workdir: Path, shared: Path):
+        if len(net.nodes) != len(NODE_CPUS):
+            raise ValueError(f"a RayCluster has {len(NODE_CPUS)} nodes (head + workers)")
+        self.net, self.workdir, self.shared = net, workdir, shared
         self.head = net.nodes[0]
-        self.gcs_address = f"{self.head.address}:{GCS_PORT}"
         self.dashboard_url = f"http://{self.head.address}:{DASHBOARD_PORT}"
         # Ray >= 2.52 guards a cluster on a routable address with a token that every node and
         # client must present: this cluster's own, not whatever ~/.ray/auth_token holds
         self.token = secrets.token_hex(16)
-        self.env = {**os.environ, **NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                    # what each node's processes (the job's driver, Ray Train's helpers) join: this
-                    # cluster, not another Ray that runs on the machine
-                    "RAY_ADDRESS": self.gcs_address}
+        base = {k: v for k, v in os.environ.items() if k not in NOT_FOR_NODES}
+        # what a node's image and start command set: the mode and the token, and the head by
+        # name (for the job drivers and Ray Train's helpers that run there)
+        self.node_env = {**base, **NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                         "RAY_ADDRESS": f"{self.head.name}:{GCS_PORT}"}
+        self.client_home = workdir / "client-home"
         self.processes: list[subprocess.Popen] = []
-        # short: Ray's unix socket paths live under it and must stay under 107 characters
-        self.temp_root = Path(tempfile.mkdtemp(prefix="ddr-", dir="/tmp"))
+
+    def client_env(self, **extra: str) -> dict:
+        """A user's shell on their own machine, set up as the README says: the token in
+        ~/.ray/auth_token, RAY_ADDRESS the job server; nothing else of the cluster's."""
+        (self.client_home / ".ray").mkdir(parents=True, exist_ok=True)
+        (self.client_home / ".ray" / "auth_token").write_text(self.token + "\n")
+        base = {k: v for k, v in os.environ.items() if k not in NOT_FOR_NODES}
+        # and `ray` on PATH: this venv, activated
+        return {**base, "HOME": str(self.client_home), "RAY_ADDRESS": self.dashboard_url,
+                "PATH": f"{VENV / 'bin'}:{os.environ.get('PATH', '')}", **extra}
+
+    def node_argv(self, index: int, argv: list[str]) -> list[str]:
+        """`argv` as node `index` runs it: its host name, its own /tmp, no checkout."""
+        stage = Path("/run") / f"{self.net.prefix}-stage{index}"
+        stage.mkdir(parents=True, exist_ok=True)
+        hide = [Path("/tmp"), REPO]
+        share = [p for p in (self.shared, VENV, extensions_root())
+                 if any(p.is_relative_to(h) for h in hide)]
+        return node_command(self.net.nodes[index].name, hide, share, stage, argv)
 
     def start(self, timeout: float = 120) -> "RayCluster":
-        for i, node in enumerate(self.net.nodes):
-            common = ["--node-ip-address", node.address, "--num-cpus", "1", "--object-store-memory", str(100 << 20),
-                      "--temp-dir", str(self.temp_root / f"n{i}"), "--disable-usage-stats", "--block"]
-            role = (["--head", "--port", str(GCS_PORT), "--dashboard-host", node.address, "--dashboard-port",
+        for i, (node, cpus) in enumerate(zip(self.net.nodes, NODE_CPUS)):
+            # the temp dir is in the node's own /tmp: short (Ray's socket paths < 107 characters)
+            common = ["--num-cpus", str(cpus), "--object-store-memory", str(100 << 20), "--temp-dir", "/tmp/ray",
+                      "--disable-usage-stats", "--block"]
+            role = (["--head", "--port", str(GCS_PORT), "--dashboard-host", "0.0.0.0", "--dashboard-port",
                      str(DASHBOARD_PORT), "--include-dashboard", "true"] if i == 0 else
-                    ["--address", self.gcs_address])
+                    ["--address", f"{self.head.name}:{GCS_PORT}"])
             log = (self.workdir / f"ray-node{i}.log").open("w")
-            self.processes.append(self.net.popen(i, [RAY, "start", *role, *common], env=self.env, stdout=log,
-                                                 stderr=subprocess.STDOUT))
+            self.processes.append(self.net.popen(i, self.node_argv(i, [RAY, "start", *role, *common]),
+                                                 env=self.node_env, stdout=log, stderr=subprocess.STDOUT))
             if i == 0:
                 self._wait(lambda: self._alive_nodes() >= 1, timeout, "the head node")
         self._wait(lambda: self._alive_nodes() == len(self.net.nodes), timeout,
                    f"{len(self.net.nodes)} nodes to join")
         return self
+
+    def on_node(self, index: int, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+        """A command run on node `index`, in its namespaces (network, host name, file system:
+        its /tmp is the one its Ray uses). `ray start --block` is the process we started:
+        `ip netns exec`, `unshare` and the setup shell each exec into the next."""
+        node = ["nsenter", "-t", str(self.processes[index].pid), "-m", "-u", "-n", "--"]
+        return subprocess.run(node + argv, env=self.node_env, capture_output=True, text=True, timeout=timeout)
 
     def _alive_nodes(self) -> int:
         request = urllib.request.Request(f"{self.dashboard_url}/nodes?view=summary",
@@ -83,13 +124,15 @@ class RayCluster:
         raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
     def ray(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """A `ray` CLI command run from this machine (outside the cluster), as a user runs it."""
-        return subprocess.run([RAY, *args], env={**self.env, "RAY_ADDRESS": self.dashboard_url},
-                              capture_output=True, text=True, timeout=timeout)
+        """A `ray` CLI command run from the user's machine, as the README's client setup has it
+        (`export RAY_AUTH_MODE=token` for the `ray job` commands)."""
+        return subprocess.run([RAY, *args], env=self.client_env(RAY_AUTH_MODE="token"), capture_output=True,
+                              text=True, timeout=timeout)
 
     def stop(self) -> None:
         # not `ray stop`: it finds Ray processes by name, machine-wide (namespaces share process
         # ids), and would end other Rays on this machine. SIGTERM makes `ray start --block` stop
         # its own node; Network.remove() kills whatever is still inside a namespace.
         stop_processes(self.processes, timeout=30)
-        shutil.rmtree(self.temp_root, ignore_errors=True)
+        for i in range(len(self.net.nodes)):
+            shutil.rmtree(Path("/run") / f"{self.net.prefix}-stage{i}", ignore_errors=True)

@@ -1,12 +1,15 @@
 """A real Slurm cluster on this machine (Debian's slurm-wlm 22.05 + munge): slurmctld in the
 root namespace on the bridge address, one slurmd per network namespace (`netns.Network`)
-and PID namespace, each a node with its own address, its own process table and 1 CPU, so
-that a 2-node job gets 2 machines as far as Slurm, srun and Ray can tell (they share the
-file system, as nodes share an NFS mount). Every file (config, state, spool, logs, munge
-key and socket) lives in one work directory; `stop()` ends every daemon and whatever jobs
-left running.
+and PID namespace, each a node with its own address, its own process table and the CPUs
+(and logical GPUs) it is given, so that a 2-node job gets 2 machines as far as Slurm, srun
+and Ray can tell (they share the file system, as nodes share an NFS mount). Nodes go by
+their host names (NodeName = NodeAddr = `Node.name`), which every daemon resolves through
+a hosts file: each node's own (`netns.Network`; with `loopback_names` its own name is
+127.0.1.1 there, as on Debian), slurmctld's in a mount namespace of its own. Every file
+(config, state, spool, logs, munge key and socket) lives in one work directory; `stop()`
+ends every daemon and whatever jobs left running.
 
-    with SlurmCluster(net, workdir) as slurm:
+    with SlurmCluster(net, workdir, cpus=[2, 1], gpus=[2, 1]) as slurm:
         job = slurm.sbatch(["--nodes=2", "script.sbatch"], env=...)
         slurm.wait_for_state(job, "COMPLETED", timeout=120)
 """
@@ -16,6 +19,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -40,9 +44,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def slurm_conf(net: Network, workdir: Path, ctld_port: int, slurmd_port: int, cpus_per_node: int) -> str:
-    nodes = "\n".join(f"NodeName={n.namespace} NodeAddr={n.address} CPUs={cpus_per_node} State=UNKNOWN"
-                      for n in net.nodes)
+def slurm_conf(net: Network, workdir: Path, ctld_port: int, slurmd_port: int, cpus: list[int],
+               gpus: list[int]) -> str:
+    # NodeAddr is the host name, not the address: slurmctld, srun and the script resolve it,
+    # each through its own hosts file, as on a cluster whose nodes are known by name
+    nodes = "\n".join(f"NodeName={n.name} NodeAddr={n.name} CPUs={c}" + (f" Gres=gpu:{g}" if g else "")
+                      + " State=UNKNOWN" for n, c, g in zip(net.nodes, cpus, gpus))
     # %n: each slurmd (one per node, same machine) needs its own spool, pid and log file
     return f"""\
 ClusterName={net.prefix}
@@ -77,23 +84,45 @@ SchedulerParameters=sched_interval=2
 ReturnToService=2
 JobRequeue=1
 MailProg=/bin/true
-# the hardware has more than the 1 CPU a node claims: take the config as it is
+# the hardware differs from what a node claims (CPUs, GPUs): take the config as it is
 SlurmdParameters=config_overrides
 # a quick teardown: SIGKILL 5 s after SIGTERM; finished jobs stay visible for 10 minutes
 KillWait=5
 MinJobAge=600
 SlurmdTimeout=60
 InactiveLimit=0
+{"GresTypes=gpu" if any(gpus) else ""}
 {nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def gres_conf(net: Network, gpus: list[int], devices: Path) -> str:
+    """Logical GPUs, which Slurm allocates and reports (SLURM_GPUS_ON_NODE, `scontrol show job
+    -d`, CUDA_VISIBLE_DEVICES) like real ones: each a character device made here with NVIDIA's
+    major number, which nothing opens. Slurm 22.05 drops a GPU without a device file ("Removing
+    file-less GPU"), and takes a plain file only with an error in the log."""
+    lines, first = [], 0
+    for node, count in zip(net.nodes, gpus):
+        if count:
+            for minor in range(first, first + count):
+                path = devices / f"nvidia{minor}"
+                if not path.exists():
+                    os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(195, minor))
+            files = f"nvidia{first}" if count == 1 else f"nvidia[{first}-{first + count - 1}]"
+            lines.append(f"NodeName={node.name} Name=gpu File={devices}/{files}\n")
+            first += count
+    return "".join(lines)
+
+
 class SlurmCluster:
-    def __init__(self, net: Network, workdir: Path, cpus_per_node: int = 1):
+    """`cpus`, `gpus`: each node's CPUs and logical GPUs (one number: the same on every node)."""
+
+    def __init__(self, net: Network, workdir: Path, cpus: int | list[int] = 1, gpus: int | list[int] = 0):
         self.net, self.workdir = net, workdir
         self.conf = workdir / "slurm.conf"
-        self.cpus_per_node = cpus_per_node
+        self.cpus = cpus if isinstance(cpus, list) else [cpus] * len(net.nodes)
+        self.gpus = gpus if isinstance(gpus, list) else [gpus] * len(net.nodes)
         # the nodes' TMPDIR for jobs (give it to sbatch): short, as Ray's socket paths under it
         # must stay < 107 characters
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{net.prefix}-", dir="/tmp"))
@@ -115,23 +144,32 @@ class SlurmCluster:
     # ---------------------------------------------------------------- daemons
 
     def start(self, timeout: float = 60) -> None:
-        for sub in ["munge", "state"] + [f"spool/{n.namespace}" for n in self.net.nodes]:
+        for sub in ["munge", "state"] + [f"spool/{n.name}" for n in self.net.nodes]:
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         self._start_munge()
-        self.conf.write_text(slurm_conf(self.net, self.workdir, free_port(), free_port(), self.cpus_per_node))
+        self.conf.write_text(slurm_conf(self.net, self.workdir, free_port(), free_port(), self.cpus, self.gpus))
+        (self.workdir / "dev").mkdir(exist_ok=True)
+        (self.workdir / "gres.conf").write_text(gres_conf(self.net, self.gpus, self.workdir / "dev"))
         # slurmd loads a cgroup plugin even when nothing uses it, and its autodetection
         # fails inside `ip netns exec` (a fresh /sys without the cgroup mounts): name one
         (self.workdir / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupAutomount=no\n")
-        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        # slurmctld reaches the nodes by name: it gets this machine's /etc/hosts plus every
+        # node's name, bound over /etc/hosts in a mount namespace of its own (the machine's
+        # file stays as it is)
+        hosts = self.workdir / "hosts"
+        hosts.write_text(Path("/etc/hosts").read_text() + "".join(f"\n{n.address} {n.name}" for n in self.net.nodes)
+                         + "\n")
+        self._spawn("slurmctld", ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+                                  str(hosts), "slurmctld", "-D", "-i", "-f", str(self.conf)])
         self._wait(self._controller_answers, timeout, "slurmctld to answer")
         for i, node in enumerate(self.net.nodes):
-            log = (self.workdir / f"slurmd-{node.namespace}.out").open("w")
+            log = (self.workdir / f"slurmd-{node.name}.out").open("w")
             # each node in its own PID namespace too: it sees only its own processes, as a
             # machine does (`ray stop`, or Ray's search for the local raylet, stays on the
             # node); ending `unshare` kills the node's slurmd and every job process under it
-            self.processes[f"slurmd {node.namespace}"] = self.net.popen(
+            self.processes[f"slurmd {node.name}"] = self.net.popen(
                 i, ["unshare", "--pid", "--mount-proc", "--kill-child",
-                    "slurmd", "-D", "-N", node.namespace, "-f", str(self.conf)],
+                    "slurmd", "-D", "-N", node.name, "-f", str(self.conf)],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self._wait(self._all_idle, timeout, f"{len(self.net.nodes)} nodes idle in sinfo")
 
@@ -167,7 +205,7 @@ class SlurmCluster:
     def _all_idle(self) -> bool:
         states = self.client(["sinfo", "-h", "-N", "-o", "%N %t"], check=False).stdout.split("\n")
         idle = {line.split()[0] for line in states if line.strip().endswith(" idle")}
-        return idle == {n.namespace for n in self.net.nodes}
+        return idle == {n.name for n in self.net.nodes}
 
     def logs(self, tail: int = 3000) -> str:
         out = []

@@ -316,3 +316,29 @@ def test_every_node_gets_the_ray_that_constraints_txt_pins():
     images += [load_yaml(CLUSTER / name)["docker"]["image"] for name in LAUNCHER_CONFIGS]
     assert images and all(image.startswith(f"rayproject/ray:{ray_version}-") for image in images), images
     assert rayjob()["spec"]["rayClusterSpec"]["rayVersion"] == ray_version
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_nodes_start_with_token_auth_and_the_lock(name):
+    """Every Ray the launcher starts runs with token authentication (its dashboard runs jobs,
+    i.e. arbitrary code, for anyone who reaches it), with the user's token file sent to the
+    node's default path, and pip on the node kept to the lock (a job's runtime_env pip too)."""
+    config = load_yaml(CLUSTER / name)
+    assert config["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if " start " in c]
+        assert starts, f"{name}: {key} starts no Ray"
+        for command in starts:
+            before_start = command[:command.index(" start ")]
+            assert re.search(r"\bexport [^;]*\bRAY_AUTH_MODE=token\b", before_start), \
+                f"{name}: {key} starts Ray without token auth: {command}"
+            assert "PIP_CONSTRAINT=/home/ray/ddetr_dist/.venv/constraints.txt" in command, command
+
+
+def test_rayjob_cluster_uses_token_auth():
+    assert rayjob()["spec"]["rayClusterSpec"].get("authOptions") == {"mode": "token"}
+
+
+def test_the_image_keeps_pip_to_the_lock():
+    env = [args for op, args in dockerfile_instructions() if op == "ENV"]
+    assert "PIP_CONSTRAINT=/home/ray/ddetr_dist/.venv/constraints.txt" in env, env

@@ -45,6 +45,7 @@ def nonfinite_loss_error():
 def test_deterministic_worker_errors_are_raised_at_once_others_retried():
     from ddetr_dist.errors import InputNotFoundError
     from ddetr_dist.models.checkpoint import CheckpointMismatchError
+    from ddetr_dist.ops import BackendUnavailableError
 
     # any rank's deterministic error decides: the others' are often what it caused
     assert decision(worker_group_error(nonfinite_loss_error(), RuntimeError("gloo: connection closed"))) == "RAISE"
@@ -52,6 +53,7 @@ def test_deterministic_worker_errors_are_raised_at_once_others_retried():
     assert decision(worker_group_error(InputNotFoundError("config key 'model.backbone_weights': no such file"))) \
         == "RAISE"
     assert decision(worker_group_error(CheckpointMismatchError("backbone weights do not fit"))) == "RAISE"
+    assert decision(worker_group_error(BackendUnavailableError("ms_deform_attn: nvcc fatal"))) == "RAISE"
     # a lost peer, a file system's hiccup: what restarts are for, up to ray.max_failures
     assert decision(worker_group_error(RuntimeError("gloo: connection closed"))) == "RETRY"
     assert decision(worker_group_error(FileNotFoundError("checkpoint_000000004/meta.json"))) == "RETRY"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from torch.utils.file_baton import FileBaton
 
-from ddetr_dist.ops import build
+from ddetr_dist.ops import build, build_lock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,7 @@ def acquire_within(lock_path: Path, seconds: float) -> bool:
     got = threading.Event()
 
     def take():
-        with build.node_lock(lock_path, "test"):
+        with build_lock.node_lock(lock_path, "test"):
             got.set()
     threading.Thread(target=take, daemon=True).start()
     return got.wait(seconds)
@@ -54,11 +54,11 @@ def test_stale_torch_lock_file_is_removed_before_building(tmp_path):
 
 
 def test_a_killed_builder_does_not_block_the_next(tmp_path):
-    lock_path = tmp_path / "ext" / build.OUR_LOCK
+    lock_path = tmp_path / "ext" / build_lock.OUR_LOCK
     holder = python(f"""
         import time
         from pathlib import Path
-        from ddetr_dist.ops.build import node_lock
+        from ddetr_dist.ops.build_lock import node_lock
         with node_lock(Path({str(lock_path)!r}), "test"):
             print("locked", flush=True)
             time.sleep(120)
@@ -78,7 +78,7 @@ def test_a_killed_builder_does_not_block_the_next(tmp_path):
 def test_processes_starting_together_all_get_a_working_op():
     build.get_extension()  # build (once per machine) before the race; the racers load it
     build_dir = build.extensions_root() / build.build_spec()["name"]
-    with build.node_lock(build_dir / build.OUR_LOCK, "test"):
+    with build_lock.node_lock(build_dir / build_lock.OUR_LOCK, "test"):
         (build_dir / build.TORCH_LOCK).touch()  # as if a build had been killed mid-way
     racer = """
         import torch
