@@ -13,7 +13,7 @@ import argparse
 import importlib
 
 # Imported only when chosen: one target's dependencies never break another's.
-TARGETS = {"msda": "ddetr_dist.ops.bench", "data": "ddetr_dist.data.bench", "train": "ddetr_dist.engine.bench"}
+TARGETS = {"msda": "ddetr_dist.ops.bench", "data": "ddetr_dist.data.bench", "train": "ddetr_dist.on_ray.bench"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

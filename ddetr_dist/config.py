@@ -20,6 +20,9 @@ import yaml
 
 from ddetr_dist.atomic import atomic_write_bytes
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout (or the job's working_dir)
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"  # what the commands use without --config
+
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or carries a bad value."""

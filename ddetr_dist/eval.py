@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ddetr_dist.config import ConfigError
+from ddetr_dist.config import DEMO_CONFIG, ConfigError
 from ddetr_dist.models import CheckpointMismatchError
-from ddetr_dist.train import DEMO_CONFIG
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         if not cfg.data.val_shards:
             raise ConfigError("config key 'data.val_shards' is empty: point it at the shards to evaluate on")
         if cfg.ray.num_workers > 1:
-            from ddetr_dist.dist.eval_workers import evaluate_on_ray
+            from ddetr_dist.on_ray.eval_workers import evaluate_on_ray
 
             result = evaluate_on_ray(cfg, weights, out_dir)  # the workers send back; the driver writes out_dir
         else:

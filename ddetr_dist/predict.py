@@ -24,9 +24,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddetr_dist.atomic import atomic_open, atomic_write_bytes
-from ddetr_dist.config import ConfigError
+from ddetr_dist.config import DEMO_CONFIG, ConfigError
 from ddetr_dist.models import CheckpointMismatchError
-from ddetr_dist.train import DEMO_CONFIG
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 

@@ -31,12 +31,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from ddetr_dist.config import ConfigError, load_config
-
-REPO = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+from ddetr_dist.config import DEMO_CONFIG, REPO, ConfigError, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,30 +45,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", default=[], help="section.key=value config overrides")
 
 
-def ensure_demo_data(train_shards: str) -> None:
-    """The demo config points at data/demo/{train,val}/shards: make them when missing."""
-    shards = Path(train_shards)
-    if (shards / "manifest.json").exists():
-        return
-    from ddetr_dist.data import demo
-
-    out = shards.parent.parent
-    print(f"demo data: generating into {out} (once)")
-    demo.generate(out)
-
-
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ddetr_dist.dist.trainer import TrainingFailed, train
+    from ddetr_dist.on_ray.driver import TrainingFailed, train
 
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
         if args.print_run_dir:
-            from ddetr_dist.dist.trainer import run_dir_of
+            from ddetr_dist.on_ray.driver import run_dir_of
 
             print(run_dir_of(cfg))
             return 0
         if args.config is None:
+            from ddetr_dist.data.demo import ensure_demo_data
+
             ensure_demo_data(cfg.data.train_shards)
         result = train(cfg)
     except ConfigError as e:

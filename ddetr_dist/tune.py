@@ -57,8 +57,7 @@ import argparse
 import logging
 import sys
 
-from ddetr_dist.config import ConfigError, load_config
-from ddetr_dist.train import DEMO_CONFIG, REPO, ensure_demo_data
+from ddetr_dist.config import DEMO_CONFIG, REPO, ConfigError, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,13 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ddetr_dist.dist.sweep_file import load_sweep
-    from ddetr_dist.dist.tune import results_table, run_sweep
+    from ddetr_dist.on_ray.sweep_file import load_sweep
+    from ddetr_dist.on_ray.tune import results_table, run_sweep
 
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
         sweep = load_sweep(args.sweep, cfg, name=args.name)
         if args.config is None:
+            from ddetr_dist.data.demo import ensure_demo_data
+
             ensure_demo_data(cfg.data.train_shards)
         result = run_sweep(cfg, sweep, retry_errored=args.retry_errored)
     except ConfigError as e:

@@ -4,7 +4,7 @@ import pytest
 
 # Every collective of every process the tests start (spawned ranks, Ray workers, `ddetr
 # train` subprocesses inherit the environment) checks its tensors' device: NCCL's rule,
-# with a stand-in on CPUs (ddetr_dist.dist.comm). Set before anything imports comm.
+# with a stand-in on CPUs (ddetr_dist.comm). Set before anything imports comm.
 os.environ["DDETR_CHECK_COLLECTIVES"] = "1"
 
 from ddetr_dist.data import demo  # noqa: E402

@@ -43,7 +43,7 @@ def write_evaluation(folder, images: int) -> None:
 def test_the_summary_shows_the_newest_step_evaluation_beside_ddetr_evals_own(tmp_path):
     """`ddetr eval` on a run directory writes eval/manual-<...>/: the end-of-run summary
     reads the train loop's eval/<step:08d>/ only (issue 12, bug 6)."""
-    from ddetr_dist.dist.trainer import RunResult
+    from ddetr_dist.on_ray.driver import RunResult
     from ddetr_dist.train import summary
 
     write_evaluation(tmp_path / "eval" / "00000005", images=5)

@@ -2,7 +2,7 @@
 transforms, collate, and the built-in demo data set.
 
     from ddetr_dist.data import build_train_loader, build_eval_loader
-    loader = build_train_loader(cfg.data, seed=cfg.seed)        # rank/world from dist.comm
+    loader = build_train_loader(cfg.data, seed=cfg.seed)        # rank/world from ddetr_dist.comm
     for images, padding_mask, targets in loader: ...
     loader.skips.summary()                                      # bad data, counted by reason
 """

@@ -172,6 +172,16 @@ def generate(out_dir: str | Path, train: int = 2000, val: int = 200, seed: int =
     return patterns
 
 
+def ensure_demo_data(train_shards: str) -> None:
+    """The demo config points at data/demo/{train,val}/shards: make them when missing."""
+    shards = Path(train_shards)
+    if (shards / "manifest.json").exists():
+        return
+    out = shards.parent.parent
+    print(f"demo data: generating into {out} (once)")
+    generate(out)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--train", type=int, default=2000, help="training images")

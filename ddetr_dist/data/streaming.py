@@ -38,7 +38,7 @@ from ddetr_dist.data.manifest import ShardSet, load_shard_set
 from ddetr_dist.data.partition import Piece, slot_of, slot_pieces, slot_range
 from ddetr_dist.data.skips import SkipCounter
 from ddetr_dist.data.transforms import build_train_transform, build_val_transform
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def build_train_loader(cfg: DataConfig, seed: int, *, rank: int | None = None, w
                        pin_memory: bool = False) -> DetectionLoader:
     """The training loader of one rank: `cfg.samples_per_epoch` (default: all samples)
     per epoch over all ranks, as the same number of full batches on every rank.
-    rank/world_size default to ddetr_dist.dist.comm."""
+    rank/world_size default to ddetr_dist.comm."""
     rank, world_size = _rank_and_world(rank, world_size)
     shards = load_shard_set(cfg.train_shards, cfg.allow_pipe_urls, cfg.train_manifest)
     samples = cfg.samples_per_epoch or shards.total
@@ -273,7 +273,7 @@ def build_eval_loader(cfg: DataConfig, *, rank: int | None = None, world_size: i
     """The evaluation loader of one rank: over all ranks and workers every image of
     `cfg.val_shards` exactly once (ranks may get one batch more or less than others, so
     gather results after the loop rather than per batch). Crowd regions stay in the
-    targets (iscrowd=1) for COCO evaluation. rank/world_size default to ddetr_dist.dist.comm."""
+    targets (iscrowd=1) for COCO evaluation. rank/world_size default to ddetr_dist.comm."""
     rank, world_size = _rank_and_world(rank, world_size)
     shards = load_shard_set(cfg.val_shards, cfg.allow_pipe_urls, cfg.val_manifest)
     stream = ShardStream(shards, build_val_transform(cfg), train=False, batch_size=cfg.batch_size,

@@ -1,6 +1,6 @@
 """Where the train loop's checkpoints go: the `Checkpointer` protocol, and a folder of the
 run directory for runs without Ray (tests, the benchmark, a notebook). Ray's own is in
-`ddetr_dist.dist.worker`."""
+`ddetr_dist.on_ray.worker`."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Optional, Protocol
 
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 from ddetr_dist.engine import train_state
 
 

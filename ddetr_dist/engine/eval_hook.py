@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from ddetr_dist.atomic import atomic_open
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 from ddetr_dist.engine.evaluate import REPORTED, evaluate, ground_truth
 from ddetr_dist.engine.pictures import PredictionPictures
 from ddetr_dist.engine.train_state import average_batchnorm_statistics

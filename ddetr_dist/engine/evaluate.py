@@ -28,7 +28,7 @@ import torch
 
 from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 
 log = logging.getLogger("ddetr_dist.eval")
 # COCOeval.stats, in order

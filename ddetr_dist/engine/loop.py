@@ -2,7 +2,7 @@
 of the train shards, checkpoints through a `Checkpointer` (Ray's, or a folder of the run
 directory without Ray), and metrics through `MetricsLog`.
 
-It knows nothing of Ray: `ddetr_dist.dist.worker` runs it inside a Ray Train worker, the
+It knows nothing of Ray: `ddetr_dist.on_ray.worker` runs it inside a Ray Train worker, the
 benchmark in one plain process. Each optimizer step takes a window of `train.grad_accum`
 batches through `WindowStep` (engine/step.py: forward, losses, backward and DeepSpeed's
 step for each, and the rules for non-finite losses, gradients and fp16 overflows); here
@@ -31,7 +31,7 @@ import torch
 from ddetr_dist.atomic import atomic_open, atomic_write_bytes
 from ddetr_dist.config import Config
 from ddetr_dist.data import build_train_loader
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 from ddetr_dist.engine import train_state
 from ddetr_dist.engine.checkpointers import Checkpointer
 from ddetr_dist.engine.eval_hook import EvalHook
@@ -89,7 +89,7 @@ class Trainer:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed  # the engine's dependency, not the model's
 
-        from ddetr_dist.dist.deepspeed_config import bind_deepspeed_to, deepspeed_config
+        from ddetr_dist.engine.deepspeed_config import bind_deepspeed_to, deepspeed_config
 
         self.cfg, self.run_dir, self.checkpointer = cfg, Path(run_dir), checkpointer
         self.device = device or torch.device("cpu")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 from ddetr_dist.engine.evaluate import outputs_to_float
 
 MIN_LOSS_SCALE = 1.0

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ddetr_dist.atomic import atomic_open, atomic_write_bytes
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 
 META = "meta.json"
 PORTABLE = "portable.pt"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from .matcher import HungarianMatcher

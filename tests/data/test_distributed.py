@@ -1,5 +1,5 @@
 """A real multi-rank run: 2 processes with a gloo process group on 127.0.0.1, each with
-2 loader workers, rank and world size taken from torch.distributed (ddetr_dist.dist.comm)."""
+2 loader workers, rank and world size taken from torch.distributed (ddetr_dist.comm)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from data_helpers import image_ids, small_cfg
 from ddetr_dist.data import build_eval_loader, build_train_loader
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 
 WORLD_SIZE = 2
 

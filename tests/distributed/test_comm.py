@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 from ddetr_dist.engine import evaluate
 
 
@@ -41,7 +41,7 @@ def test_a_tensor_built_by_the_caller_is_refused(one_rank_group):
 
 
 def test_a_collective_outside_comm_is_refused(one_rank_group):
-    with pytest.raises(comm.CollectiveDeviceError, match="goes through ddetr_dist.dist.comm"):
+    with pytest.raises(comm.CollectiveDeviceError, match="goes through ddetr_dist.comm"):
         comm.check_collective_tensors("all_reduce", [comm._backend_tensor([1.0])], evaluate.__file__)
     # DeepSpeed's and torch's own collectives carry the model's tensors: only the device rule
     comm.check_collective_tensors("all_reduce", [torch.ones(1)], dist.__file__)

@@ -2,7 +2,7 @@
 import pytest
 
 from ddetr_dist.config import ConfigError, load_config
-from ddetr_dist.dist.deepspeed_config import deepspeed_config
+from ddetr_dist.engine.deepspeed_config import deepspeed_config
 
 
 def test_batch_accumulation_clipping_and_stage_come_from_the_config():

@@ -65,7 +65,7 @@ def test_two_workers_send_results_and_the_driver_writes_them(checkpoint, tmp_pat
 
 def test_a_worker_without_the_checkpoint_says_so(checkpoint, tmp_path):
     from ddetr_dist.config import load_config
-    from ddetr_dist.dist.eval_workers import load_model
+    from ddetr_dist.on_ray.eval_workers import load_model
     from ddetr_dist.errors import InputNotFoundError
 
     cfg = load_config(checkpoint[1])
@@ -77,7 +77,7 @@ def test_a_deterministic_worker_error_reaches_the_command_unwrapped():
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
-    from ddetr_dist.dist.eval_workers import fit
+    from ddetr_dist.on_ray.eval_workers import fit
     from ddetr_dist.errors import InputNotFoundError
 
     class Failing:

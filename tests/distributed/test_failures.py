@@ -31,7 +31,7 @@ def worker_group_error(*exceptions: BaseException):
 def decision(error, max_failures: int = 3) -> str:
     from ray.train import FailureConfig
 
-    from ddetr_dist.dist.failures import FailFastPolicy
+    from ddetr_dist.on_ray.failures import FailFastPolicy
 
     return FailFastPolicy(FailureConfig(max_failures=max_failures)).make_decision(error).value
 
@@ -62,11 +62,11 @@ def test_deterministic_worker_errors_are_raised_at_once_others_retried():
 
 def test_the_trainer_we_build_hands_ray_our_failure_policy():
     """The policy reaches Ray's controller through a private method of Ray Train V2 (no
-    public hook: see ddetr_dist/dist/failures.py). A Ray that renames it fails here."""
+    public hook: see ddetr_dist/on_ray/failures.py). A Ray that renames it fails here."""
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from ddetr_dist.dist.failures import FailFastTorchTrainer
-    from ddetr_dist.dist.trainer import build_torch_trainer
+    from ddetr_dist.on_ray.failures import FailFastTorchTrainer
+    from ddetr_dist.on_ray.driver import build_torch_trainer
 
     assert "_initialize_and_run_controller" in vars(DataParallelTrainer)
     assert "failure_policy=" in inspect.getsource(DataParallelTrainer.fit)
@@ -75,8 +75,8 @@ def test_the_trainer_we_build_hands_ray_our_failure_policy():
 
 
 def test_a_worker_without_the_backbone_weights_fails_without_retries(tmp_path, monkeypatch):
-    from ddetr_dist.dist.failures import is_deterministic
-    from ddetr_dist.dist.worker import check_inputs
+    from ddetr_dist.on_ray.failures import is_deterministic
+    from ddetr_dist.on_ray.worker import check_inputs
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["model.backbone_weights=weights/resnet18.pth"])
@@ -110,7 +110,7 @@ def test_a_model_that_cannot_be_built_fails_before_ray_starts(tiny_data, tmp_pat
 def test_a_sweep_trial_whose_model_cannot_be_built_fails_before_its_workers(monkeypatch):
     """`ddetr tune` checks each trial's config in the trial, before its TorchTrainer."""
     from ddetr_dist.config import to_dict
-    from ddetr_dist.dist import tune
+    from ddetr_dist.on_ray import tune
 
     class Context:
         def get_trial_id(self):
@@ -142,7 +142,7 @@ def test_a_relative_output_dir_in_a_job_with_uploaded_code_is_refused(tiny_data,
 def test_a_worker_with_other_versions_than_the_driver_stops_the_run_naming_its_node():
     """Nodes installed at different times drift (issue 13, bug 3): every worker reports its
     ray/deepspeed/torch at the start and a difference ends the run, not retried."""
-    from ddetr_dist.dist.worker import check_versions, versions
+    from ddetr_dist.on_ray.worker import check_versions, versions
     from ddetr_dist.errors import NotRetryable
 
     driver = versions()
@@ -165,7 +165,7 @@ def test_a_worker_with_other_versions_than_the_driver_stops_the_run_naming_its_n
     ([{"CPU": 8, "GPU": 4}, {"CPU": 2, "GPU": 4}], ["ray.num_workers=6", "ray.cpus_per_worker=2"], False),
 ])
 def test_workers_are_placed_per_node(nodes, overrides, fits):
-    from ddetr_dist.dist.trainer import check_resources
+    from ddetr_dist.on_ray.driver import check_resources
 
     cfg = load_config(None, ["data.train_shards=x", *FROM_SCRATCH, *overrides])
     if fits:

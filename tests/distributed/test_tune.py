@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from ddetr_dist.config import load_config, to_dict
-from ddetr_dist.dist.sweep_file import load_sweep, tune_search_space
-from ddetr_dist.dist.tune import differing_keys
+from ddetr_dist.on_ray.sweep_file import load_sweep, tune_search_space
+from ddetr_dist.on_ray.tune import differing_keys
 from ddetr_dist.tune import main as tune_main
 
 from .ray_helpers import environment, records, registered_checkpoint_steps, wait_for, write_tiny_config

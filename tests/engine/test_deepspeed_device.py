@@ -25,7 +25,7 @@ def gpu_10_of_local_rank_2(monkeypatch):
 
 
 def test_deepspeed_gets_the_index_of_our_device(gpu_10_of_local_rank_2):
-    from ddetr_dist.dist.deepspeed_config import bind_deepspeed_to
+    from ddetr_dist.engine.deepspeed_config import bind_deepspeed_to
 
     args = bind_deepspeed_to(torch.device("cuda", 10))
     assert args.device_rank == 10  # what DeepSpeed's engine reads before LOCAL_RANK
@@ -34,7 +34,7 @@ def test_deepspeed_gets_the_index_of_our_device(gpu_10_of_local_rank_2):
 
 
 def test_nothing_changes_on_cpu(gpu_10_of_local_rank_2):
-    from ddetr_dist.dist.deepspeed_config import bind_deepspeed_to
+    from ddetr_dist.engine.deepspeed_config import bind_deepspeed_to
 
     assert bind_deepspeed_to(torch.device("cpu")) is None
     assert os.environ["LOCAL_RANK"] == "2" and gpu_10_of_local_rank_2 == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 from ddetr_dist.models import build_model
 from ddetr_dist.models.criterion import sigmoid_focal_loss
 

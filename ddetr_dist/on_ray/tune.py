@@ -33,8 +33,8 @@ import yaml
 from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config, ConfigError, config_from_dict, config_to_yaml, \
     load_config, save_config, to_dict
-from ddetr_dist.dist.sweep_file import Sweep, apply_resources, copy_raw, plain, tune_search_space, with_values
-from ddetr_dist.dist.trainer import build_torch_trainer, check_before_start, check_model, check_resources, \
+from ddetr_dist.on_ray.sweep_file import Sweep, apply_resources, copy_raw, plain, tune_search_space, with_values
+from ddetr_dist.on_ray.driver import build_torch_trainer, check_before_start, check_model, check_resources, \
     cluster_nodes, connect_ray, run_dir_of, workers_that_fit, write_run_files
 
 log = logging.getLogger("ddetr_dist.tune")

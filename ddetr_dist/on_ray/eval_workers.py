@@ -69,8 +69,8 @@ def eval_loop_per_worker(loop_config: dict) -> None:
     import ray
     import ray.train.torch
 
-    from ddetr_dist.dist import comm
-    from ddetr_dist.dist.worker import enter_driver_directory
+    from ddetr_dist import comm
+    from ddetr_dist.on_ray.worker import enter_driver_directory
     from ddetr_dist.engine.evaluate import evaluate
 
     cfg = config_from_dict(loop_config["config"])
@@ -90,7 +90,7 @@ def run_workers(cfg: Config, weights: Path) -> dict:
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    from ddetr_dist.dist.trainer import check_resources, scaling_config, torch_config
+    from ddetr_dist.on_ray.driver import check_resources, scaling_config, torch_config
 
     use_gpu = check_resources(cfg)
     sink = result_sink()
@@ -112,7 +112,7 @@ def run_workers(cfg: Config, weights: Path) -> dict:
 def fit(trainer) -> None:
     """`trainer.fit()`; a worker's error a rerun would meet again (e.g. the checkpoint
     missing on its node) is raised as itself, without Ray's wrapping."""
-    from ddetr_dist.dist.failures import deterministic_failures
+    from ddetr_dist.on_ray.failures import deterministic_failures
 
     try:
         trainer.fit()
@@ -126,7 +126,7 @@ def fit(trainer) -> None:
 def evaluate_on_ray(cfg: Config, weights: Path, out_dir: Path) -> EvalResult:
     """Evaluate on Ray workers; the driver writes `out_dir/detections.json` and
     `out_dir/metrics.json` here, on its own machine."""
-    from ddetr_dist.dist.trainer import connect_ray
+    from ddetr_dist.on_ray.driver import connect_ray
 
     started = connect_ray(cfg)  # before anything imports ray: it sets Ray's environment
     try:

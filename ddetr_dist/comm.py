@@ -150,7 +150,7 @@ def decided_by_rank_0(decide) -> Any:
 _CHECKED = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "gather", "scatter",
             "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv",
             "isend", "irecv")
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # ddetr_dist/
 
 
 def _tensors(args, kwargs) -> list[torch.Tensor]:
@@ -177,7 +177,7 @@ def check_collective_tensors(name: str, tensors: list[torch.Tensor], caller_file
         return  # DeepSpeed's and torch's own collectives: their tensors are the model's
     if os.path.abspath(caller_file) != os.path.abspath(__file__):
         raise CollectiveDeviceError(f"torch.distributed.{name} called from {caller_file}: every collective of "
-                                    "ddetr_dist goes through ddetr_dist.dist.comm, which builds its tensors on the "
+                                    "ddetr_dist goes through ddetr_dist.comm, which builds its tensors on the "
                                     "backend's device")
     stray = [t for t in tensors if not getattr(t, _BUILT_HERE, False)]
     if stray:

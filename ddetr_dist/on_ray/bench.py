@@ -207,7 +207,7 @@ def engine_loop(cfg: Config, stage: int, steps: int, workdir: Path) -> Measured:
 
 def ray_path(cfg: Config, steps: int, workdir: Path) -> Measured:
     """(c): `ddetr train` itself: a local Ray, 2 workers."""
-    from ddetr_dist.dist.trainer import train
+    from ddetr_dist.on_ray.driver import train
 
     workers = 2
     cfg = dataclasses.replace(timed_run(cfg, "ray", steps, num_workers=workers, cpus_per_worker=1, address=""),

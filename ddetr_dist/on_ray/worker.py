@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import torch
 
 from ddetr_dist.config import Config, config_from_dict
-from ddetr_dist.dist import comm
+from ddetr_dist import comm
 from ddetr_dist.errors import InputNotFoundError, VersionMismatchError
 
 

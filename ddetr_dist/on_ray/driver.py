@@ -1,6 +1,6 @@
 """The driver of `ddetr train`: check the config, connect to Ray (or start a local one on
 127.0.0.1), and run a Ray Train `TorchTrainer` whose workers each run the DeepSpeed train
-loop (`ddetr_dist.dist.worker`).
+loop (`ddetr_dist.on_ray.worker`).
 
 The run directory `<output_dir>/<name>/` is Ray's storage for the run: it holds Ray's
 checkpoints and run snapshot, and ours: `config.yaml`, `deepspeed_config.json`,
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config, ConfigError, check_training_config, save_config, to_dict
-from ddetr_dist.dist.deepspeed_config import check_precision
+from ddetr_dist.engine.deepspeed_config import check_precision
 
 log = logging.getLogger("ddetr_dist.train")
 # Ray phones home unless told otherwise
@@ -195,7 +195,7 @@ def check_resources(cfg: Config, nodes: list[dict] | None = None) -> bool:
 
 
 def write_run_files(cfg: Config, run_dir: Path) -> None:
-    from ddetr_dist.dist.deepspeed_config import deepspeed_config
+    from ddetr_dist.engine.deepspeed_config import deepspeed_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -217,7 +217,7 @@ def check_before_start(cfg: Config) -> None:
 def train(cfg: Config) -> RunResult:
     """Run (or resume) `cfg` to the end on Ray. Raises ConfigError before any worker
     starts, TrainingFailed when the workers fail more than `ray.max_failures` times, or
-    once with an error a restart would meet again (ddetr_dist.dist.failures)."""
+    once with an error a restart would meet again (ddetr_dist.on_ray.failures)."""
     check_before_start(cfg)
     run_dir = run_dir_of(cfg)
     started_ray = connect_ray(cfg)
@@ -259,11 +259,11 @@ def build_torch_trainer(cfg: Config, run_dir: Path, use_gpu: bool, callbacks: tu
     """The Ray Train `TorchTrainer` of one run: `cfg.ray.num_workers` workers running the
     DeepSpeed loop, Ray's storage = the run directory. Tune trials build theirs here too.
     A worker error a restart would meet again ends the run at once; other failures restart
-    the workers up to `ray.max_failures` times (ddetr_dist.dist.failures)."""
+    the workers up to `ray.max_failures` times (ddetr_dist.on_ray.failures)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    from ddetr_dist.dist.failures import FailFastTorchTrainer
-    from ddetr_dist.dist.worker import train_loop_per_worker, versions
+    from ddetr_dist.on_ray.failures import FailFastTorchTrainer
+    from ddetr_dist.on_ray.worker import train_loop_per_worker, versions
 
     r = cfg.ray
     return FailFastTorchTrainer(
@@ -279,7 +279,7 @@ def build_torch_trainer(cfg: Config, run_dir: Path, use_gpu: bool, callbacks: tu
 
 
 def _fit(cfg: Config, run_dir: Path, use_gpu: bool) -> None:
-    from ddetr_dist.dist.failures import deterministic_failures
+    from ddetr_dist.on_ray.failures import deterministic_failures
 
     try:
         build_torch_trainer(cfg, run_dir, use_gpu).fit()
