@@ -5,7 +5,7 @@ checkout of this repository; only the shared directory, the NFS mount of a real 
 and the Python environment, a real node's image, are common), and token authentication on.
 The head offers no CPU (a CPU head: the driver, the dashboard, no training worker); each
 worker node 1 CPU, so 2 training workers land on 2 nodes. Clients (`ray job submit`) run
-on this machine, outside the cluster, set up as the README tells a user: the cluster's
+on this machine, outside the cluster, set up as docs/clusters.md tells a user: the cluster's
 token in ~/.ray/auth_token (`client_env`)."""
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class RayCluster:
         self.processes: list[subprocess.Popen] = []
 
     def client_env(self, **extra: str) -> dict:
-        """A user's shell on their own machine, set up as the README says: the token in
+        """A user's shell on their own machine, set up as docs/clusters.md says: the token in
         ~/.ray/auth_token, RAY_ADDRESS the job server; nothing else of the cluster's."""
         (self.client_home / ".ray").mkdir(parents=True, exist_ok=True)
         (self.client_home / ".ray" / "auth_token").write_text(self.token + "\n")
@@ -76,6 +76,8 @@ class RayCluster:
         hide = [Path("/tmp"), REPO]
         share = [p for p in (self.shared, VENV, extensions_root())
                  if any(p.is_relative_to(h) for h in hide)]
+        for path in share:  # a bind mount needs its source (the op's cache may not be made yet)
+            path.mkdir(parents=True, exist_ok=True)
         return node_command(self.net.nodes[index].name, hide, share, stage, argv)
 
     def start(self, timeout: float = 120) -> "RayCluster":
@@ -124,7 +126,7 @@ class RayCluster:
         raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
     def ray(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """A `ray` CLI command run from the user's machine, as the README's client setup has it
+        """A `ray` CLI command run from the user's machine, as docs/clusters.md's client setup has it
         (`export RAY_AUTH_MODE=token` for the `ray job` commands)."""
         return subprocess.run([RAY, *args], env=self.client_env(RAY_AUTH_MODE="token"), capture_output=True,
                               text=True, timeout=timeout)
