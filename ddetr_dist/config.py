@@ -4,12 +4,14 @@ A run is described by `Config`, a tree of dataclasses. It is loaded from a YAML 
 `configs/` (which may name a `base:` file it extends) and then overridden from the command
 line with `section.key=value`. Every key is checked against the tree: an unknown key raises
 `ConfigError` naming it, the keys valid at that place, and the nearest match; a value of
-the wrong type names the key and the expected type.
+the wrong type names the key and the expected type. The same typed reader (`read_into`)
+reads sweep files (on_ray/sweep_file.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,9 +159,10 @@ class Config:
 # ---------------------------------------------------------------- loading and checking
 
 
-def _field_types(cls) -> dict[str, Any]:
+def _fields(cls) -> dict[str, Any]:
+    """The keys a file may set: the dataclass's fields (init=False ones are the program's own)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -168,64 +171,97 @@ def did_you_mean(word: str, choices) -> str:
     return f" Did you mean '{near[0]}'?" if near else ""
 
 
-def _unknown_key(path: str, key: str, valid: list[str]) -> ConfigError:
-    where = f"{path}.{key}" if path else key
-    return ConfigError(f"unknown config key '{where}'.{did_you_mean(key, valid)} "
-                       f"Valid keys here: {', '.join(sorted(valid))}")
+def check_keys(values: Any, valid, path: str = "", label: str = "config key") -> dict:
+    """`values` (None reads as {}) when it is a mapping of keys in `valid`; else the error
+    naming the key (`path`.key, a `label`), the nearest valid key and all of them."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{repr(path) if path else 'the top level'} must be a mapping of {label}s, got {values!r}")
+    for key in values:
+        if key not in valid:
+            raise ConfigError(f"unknown {label} '{path + '.' if path else ''}{key}'.{did_you_mean(key, valid)} "
+                              f"Valid keys here: {', '.join(sorted(map(str, valid)))}")
+    return values
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+_NAMES = {bool: "true or false", int: "an integer", float: "float", str: "a string", tuple: "a list",
+          list: "a list", dict: "a mapping"}
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is typing.Literal:
+        return f"one of {', '.join(map(str, typing.get_args(tp)))}"
+    return _NAMES.get(typing.get_origin(tp) or tp, str(tp))
+
+
+def read_value(value: Any, tp: Any, where: str, label: str = "config key") -> Any:
+    """`value` checked against the annotation `tp` (lists become tuples for tuple fields, ints
+    floats for float ones, Literal[...] is a choice); a mismatch names the key `where`, a `label`."""
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{label} '{where}': expected {_describe(tp)}, got {value!r}."
+                          f"{did_you_mean(value, typing.get_args(tp))}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         for arg in args:
-            if arg is type(None):
-                continue
             try:
-                return _coerce(value, arg, where)
+                if arg is not type(None):
+                    return read_value(value, arg, where, label)
             except ConfigError:
                 pass
-        raise ConfigError(f"config key '{where}': expected {tp}, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{where}': expected a list, got {value!r}")
-        (item_tp, *_) = typing.get_args(tp)
-        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
+    elif tp in (tuple, list) or origin in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            item_tp = (typing.get_args(tp) or (Any,))[0]
+            items = [read_value(v, item_tp, f"{where}[{i}]", label) for i, v in enumerate(value)]
+            return tuple(items) if tuple in (tp, origin) else items
+    elif tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 reads '1e-3' (no dot) as a string
             return float(value)
         except ValueError:
             pass
-    if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"config key '{where}': expected true or false, got {value!r}")
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"config key '{where}': expected an integer, got {value!r}")
-    if tp in (float, str) and not isinstance(value, tp):
-        raise ConfigError(f"config key '{where}': expected {tp.__name__}, got {value!r}")
+    elif isinstance(value, origin or tp) and (tp is bool or not isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{label} '{where}': expected {_describe(tp)}, got {value!r}")
+
+
+def read_into(obj: Any, values: Any, path: str = "", label: str = "config key") -> Any:
+    """A copy of dataclass `obj` with `values` (a nested mapping) applied: every key one of its
+    fields, every value of the field's type, nested dataclasses from nested mappings. Config
+    files, overrides and sweep files are all read by it."""
+    fields = _fields(type(obj))
+    changes = {}
+    for key, value in check_keys(values, fields, path, label).items():
+        where = f"{path}.{key}" if path else key
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = read_into(current, value, where, label)
+        else:
+            changes[key] = read_value(value, fields[key], where, label)
+    return dataclasses.replace(obj, **changes)
+
+
+def nested(dotted: str, value: Any) -> dict:
+    """('model.hidden_dim', 128) -> {'model': {'hidden_dim': 128}}."""
+    for part in reversed(dotted.strip().split(".")):
+        value = {part: value}
     return value
 
 
-def _merge(obj: Any, values: dict, path: str = "") -> Any:
-    """Return a copy of dataclass `obj` with `values` (a nested dict) applied and checked."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config section '{path or '<root>'}' must be a mapping, got {values!r}")
-    types_ = _field_types(type(obj))
-    changes = {}
-    for key, value in values.items():
-        where = f"{path}.{key}" if path else key
-        if key not in types_:
-            raise _unknown_key(path, key, list(types_))
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            changes[key] = _merge(current, value, where)
-        else:
-            changes[key] = _coerce(value, types_[key], where)
-    return dataclasses.replace(obj, **changes)
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+
+
+def is_override(text: str) -> bool:
+    """Whether a command-line item is a config override: 'section.key=value' (or 'key=value')."""
+    return OVERRIDE.match(text) is not None
 
 
 def parse_override(text: str) -> dict:
@@ -233,14 +269,29 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    out: dict = {}
-    node = out
-    *parents, leaf = dotted.strip().split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
+    return nested(dotted, yaml.safe_load(raw) if raw.strip() else "")
+
+
+def with_values(cfg: Config, values: dict) -> Config:
+    """`cfg` with {dotted key: value} applied, each checked like a config file's."""
+    for key, value in values.items():
+        cfg = read_into(cfg, nested(key, value))
+    return cfg
+
+
+def dotted_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Every leaf key of a dataclass tree: ['name', ..., 'model.backbone_depth', ...]."""
+    out = []
+    for key in _fields(type(obj)):
+        value = getattr(obj, key)
+        out += dotted_keys(value, f"{prefix}{key}.") if dataclasses.is_dataclass(value) else [prefix + key]
     return out
+
+
+def get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
@@ -262,9 +313,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     """Defaults, then the YAML file (and its bases), then `section.key=value` overrides."""
     cfg = Config()
     for layer in _read_yaml(Path(path)) if path else []:
-        cfg = _merge(cfg, layer)
+        cfg = read_into(cfg, layer)
     for text in overrides:
-        cfg = _merge(cfg, parse_override(text))
+        cfg = read_into(cfg, parse_override(text))
     return cfg
 
 
@@ -316,7 +367,7 @@ def check_training_config(cfg: Config) -> None:
 
 def config_from_dict(values: dict) -> Config:
     """The inverse of `to_dict` (checked like a YAML file)."""
-    return _merge(Config(), values)
+    return read_into(Config(), values)
 
 
 def to_dict(cfg: Config) -> dict:

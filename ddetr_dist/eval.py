@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ddetr_dist.config import DEMO_CONFIG, ConfigError
+from ddetr_dist.engine.run_dir import EvalDir, RunDir
 from ddetr_dist.models import CheckpointMismatchError
 
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def default_out_dir(checkpoint: str, run_dir: Path | None) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if run_dir is not None:
-        return run_dir / "eval" / f"manual-{stamp}"
+        return RunDir(run_dir).manual_eval(stamp).path
     return Path(f"eval-{Path(checkpoint).stem}-{stamp}")
 
 
@@ -73,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
         print(f"ddetr eval: {e}", file=sys.stderr)
         return 2
+    files = EvalDir(out_dir)
     print(f"{weights}: {result.metrics['images']} images, {result.metrics['detections']} detections\n"
-          f"{result.table()}\n-> {out_dir}/detections.json, metrics.json")
+          f"{result.table()}\n-> {files.detections}, {files.metrics.name}")
     return 0
 
 

@@ -1,16 +1,18 @@
 """Detect objects in images with a trained model.
 
-  ddetr predict IMAGE_OR_DIR... --checkpoint PATH [--threshold 0.5] [--out DIR] [--config FILE]
+  ddetr predict IMAGE_OR_DIR... --checkpoint PATH [--threshold 0.5] [--out DIR] [--config FILE] [section.key=value ...]
 
 For every image (a directory means every image file in it): `<out>/<name>.json` with the
 detections above --threshold (boxes [x0, y0, x1, y1] in the image's pixels, class names
 from the manifest of the config's shards) and `<out>/<name>.png`, the image with the boxes
 drawn. Any size and mode (grey, RGBA, palette, 16-bit); EXIF-rotated JPEGs are turned
 upright first. An unreadable file is reported by name and the others are still processed;
-the exit code is 1 if any file failed.
+the exit code is 1 if any file failed. Config overrides are positional `section.key=value`
+items, as for the other commands; an image whose name looks like one is given as ./NAME.
 
-example:
+examples:
   ddetr predict photos/ --checkpoint runs/demo-20261125-101500/model_final.pth --out predictions
+  ddetr predict a.jpg b.png --checkpoint runs/demo-20261125-101500 data.val_scale=640
 """
 from __future__ import annotations
 
@@ -24,20 +26,22 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddetr_dist.atomic import atomic_open, atomic_write_bytes
-from ddetr_dist.config import DEMO_CONFIG, ConfigError
+from ddetr_dist.config import DEMO_CONFIG, ConfigError, is_override
 from ddetr_dist.models import CheckpointMismatchError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="image files or directories of images")
+    # one positional list: its section.key=value items are overrides (is_override), the rest images
+    parser.usage = "%(prog)s IMAGE_OR_DIR... --checkpoint PATH [options] [section.key=value ...]"
+    parser.add_argument("items", nargs="+", metavar="IMAGE_OR_DIR",
+                        help="image files or directories of images, and section.key=value config overrides")
     parser.add_argument("--checkpoint", required=True, help="official .pth, model_final.pth, run or checkpoint dir")
     parser.add_argument("--threshold", type=float, default=0.5, help="keep detections scoring at least this")
     parser.add_argument("--out", default="predictions", help="output directory (default: %(default)s)")
     parser.add_argument("--config", default=None, help="YAML config (default: the run's, else the demo's)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override (repeatable), e.g. --override data.val_scale=800")
+    parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)  # deprecated
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -101,16 +105,26 @@ def run(args: argparse.Namespace) -> int:
     from ddetr_dist.data import build_val_transform
     from ddetr_dist.engine.inference import load_trained
 
+    if args.override:
+        print("ddetr predict: --override is deprecated: give overrides as section.key=value, as the other commands "
+              "take them", file=sys.stderr)
+    overrides = args.override + [item for item in args.items if is_override(item)]
+    inputs = [item for item in args.items if not is_override(item)]
+    if not inputs:
+        print("ddetr predict: no images given (section.key=value items are config overrides; an image named like "
+              "one: ./NAME)", file=sys.stderr)
+        return 2
     try:
-        cfg, model, _, postprocess, weights = load_trained(args.checkpoint, args.config, args.override, DEMO_CONFIG)
+        cfg, model, _, postprocess, weights = load_trained(args.checkpoint, args.config, overrides, DEMO_CONFIG)
     except (ConfigError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
-        print(f"ddetr predict: {e}", file=sys.stderr)
+        hint = " (an image named like an override: ./NAME)" if str(e).startswith("unknown config key") else ""
+        print(f"ddetr predict: {e}{hint}", file=sys.stderr)
         return 2
     names, transform = category_names(cfg), build_val_transform(cfg.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = []
-    files = image_files(args.inputs)
+    files = image_files(inputs)
     for path in files:
         try:
             record, picture = predict_one(path, model, postprocess, transform, args.threshold, names)
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddetr_dist.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

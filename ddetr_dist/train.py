@@ -33,6 +33,7 @@ import logging
 import sys
 
 from ddetr_dist.config import DEMO_CONFIG, REPO, ConfigError, load_config
+from ddetr_dist.engine.run_dir import RunDir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
         if args.print_run_dir:
-            from ddetr_dist.on_ray.driver import run_dir_of
-
-            print(run_dir_of(cfg))
+            print(RunDir.of(cfg))
             return 0
         if args.config is None:
             from ddetr_dist.data.demo import ensure_demo_data
@@ -75,26 +74,21 @@ def summary(result) -> str:
     """What the run left: the last losses, the last AP table, where to look."""
     import json
 
-    from ddetr_dist.engine.eval_hook import EVAL_DIR
     from ddetr_dist.engine.evaluate import EvalResult
-    from ddetr_dist.engine.tensorboard import TENSORBOARD_DIR
 
-    m, run_dir = result.metrics, result.run_dir
+    m, run_dir = result.metrics, RunDir(result.run_dir)
     lines = [f"done: {run_dir}"]
     if m:
         lines.append(f"  last step {m['step']}: loss {m['loss']:.4f}, {m['images_per_s']:.1f} images/s")
-    # the train loop's evaluations are eval/<step:08d>/; others there (`ddetr eval`'s
-    # eval/manual-<...>/) are not this run's steps
-    evals = {int(path.parent.name): path for path in (run_dir / EVAL_DIR).glob("*/metrics.json")
-             if path.parent.name.isdecimal()}
+    evals = run_dir.step_evaluations()  # the train loop's, not `ddetr eval`'s
     if evals:
         step = max(evals)
-        saved = json.loads(evals[step].read_text())
+        saved = json.loads(evals[step].metrics.read_text())
         lines += [f"  evaluation at step {step} ({saved['metrics']['images']} val images):",
                   EvalResult(saved["metrics"], saved["per_category_AP"]).table(),
-                  f"  predictions drawn: {evals[step].parent / 'predictions.png'}"]
-    lines += [f"  model: {result.model_final}", f"  metrics: {run_dir / 'metrics.jsonl'}",
-              f"  TensorBoard: tensorboard --logdir {run_dir / TENSORBOARD_DIR}"]
+                  f"  predictions drawn: {evals[step].predictions}"]
+    lines += [f"  model: {result.model_final}", f"  metrics: {run_dir.metrics}",
+              f"  TensorBoard: tensorboard --logdir {run_dir.tensorboard}"]
     return "\n".join(lines)
 
 

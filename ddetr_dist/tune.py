@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ddetr_dist.on_ray.sweep_file import load_sweep
-    from ddetr_dist.on_ray.tune import results_table, run_sweep
+    from ddetr_dist.on_ray.sweep_results import results_table
+    from ddetr_dist.on_ray.tune import run_sweep
 
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"\nsweep {sweep.name}: {len(result.rows)} trial(s), {sweep.metric} ({sweep.mode})")
     print(results_table(result))
-    print(f"  table: {result.sweep_dir / 'results.csv'}")
+    print(f"  table: {result.results_csv}")
     if result.unfinished:
         print(f"ddetr tune: interrupted before {len(result.unfinished)} trial(s) finished; run the same command to "
               "resume the sweep", file=sys.stderr)

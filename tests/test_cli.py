@@ -30,6 +30,14 @@ def test_options_may_follow_positional_overrides(tmp_path, capsys):
     assert code == 1 and "checkpoint not found" in capsys.readouterr().err
 
 
+def test_predict_reads_section_key_value_items_as_overrides_not_images(tmp_path, capsys):
+    # the same override grammar as train, tune and eval: positional section.key=value
+    assert main(["predict", "data.val_scale=640", "--checkpoint", str(tmp_path / "nope.pth")]) == 2
+    assert "no images given" in capsys.readouterr().err
+    code = main(["predict", str(tmp_path / "a=b.jpg"), "--checkpoint", str(tmp_path / "nope.pth"), "data.val_scale=640"])
+    assert code == 2 and "checkpoint not found" in capsys.readouterr().err  # parsed: an image and an override
+
+
 def write_evaluation(folder, images: int) -> None:
     import json
 

@@ -143,3 +143,36 @@ def test_every_shipped_config_passes_the_training_checks(path):
     check_training_config(cfg)
     # a frozen backbone only with weights to keep; the official recipe fine-tunes ImageNet's
     assert cfg.model.backbone_weights or (cfg.model.backbone_norm, cfg.model.backbone_frozen_stages) == ("bn", 0)
+
+
+def test_override_grammar_is_a_dotted_key_then_equals():
+    from ddetr_dist.config import is_override
+
+    assert is_override("model.hidden_dim=128") and is_override("seed=3") and is_override("data.train_shards=")
+    assert not any(map(is_override, ["photos/", "a.jpg", "./b=c.jpg", "dir/x.y=1.png", "=3", "model..x=1"]))
+
+
+def test_the_typed_reader_reads_any_dataclass_naming_the_key():
+    """Sweep files are read by the same reader as config files (read_into)."""
+    from dataclasses import dataclass, field
+    from typing import Optional
+
+    from ddetr_dist.config import read_into
+
+    @dataclass
+    class Spec:
+        seed: Optional[int] = None
+        points: list[dict] = field(default_factory=list)
+        rate: float = 1.0
+        raw: dict = field(default_factory=dict, init=False)  # the program's own: not a key
+
+    assert read_into(Spec(), {"seed": 3, "points": [{"a": 1}], "rate": "1e-3"}) == Spec(3, [{"a": 1}], 1e-3)
+    assert read_into(Spec(), None) == Spec()  # an empty section
+    for values, message in [({"sed": 1}, "unknown key 'spec.sed'. Did you mean 'seed'?"),
+                            ({"raw": {}}, "unknown key 'spec.raw'"),
+                            ({"seed": "x"}, "key 'spec.seed': expected an integer or null, got 'x'"),
+                            ({"points": [3]}, "key 'spec.points[0]': expected a mapping, got 3"),
+                            ({"rate": "fast"}, "key 'spec.rate': expected float")]:
+        with pytest.raises(ConfigError) as error:
+            read_into(Spec(), values, "spec", label="key")
+        assert message in str(error.value)

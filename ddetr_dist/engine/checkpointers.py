@@ -1,39 +1,46 @@
 """Where the train loop's checkpoints go: the `Checkpointer` protocol, and a folder of the
 run directory for runs without Ray (tests, the benchmark, a notebook). Ray's own is in
-`ddetr_dist.on_ray.worker`."""
+`ddetr_dist.on_ray.worker`.
+
+Saving reads top to bottom in the loop:
+
+    with checkpointer.saving(step, metrics) as folder:   # a folder for this rank's files
+        train_state.save(folder, ...)                    # every rank writes its part
+    # here the folder has become the run's checkpoint of `step`, with `metrics` attached
+"""
 from __future__ import annotations
 
 import contextlib
 import shutil
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Optional, Protocol
+from typing import ContextManager, Iterator, Optional, Protocol
 
 from ddetr_dist import comm
 from ddetr_dist.engine import train_state
+from ddetr_dist.engine.run_dir import RunDir
 
 
 class Checkpointer(Protocol):
     def latest(self) -> ContextManager[Optional[Path]]:
         """The checkpoint to resume from (a directory), or None."""
 
-    def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
-        """Collective: each rank calls `write(folder)` to put its files in a folder, which
-        becomes one checkpoint with `metrics` attached."""
+    def saving(self, step: int, metrics: dict) -> ContextManager[Path]:
+        """Collective: a folder for this rank's files; when the block ends without an error,
+        the folders of all ranks become one checkpoint with `metrics` attached."""
 
     def report(self, metrics: dict) -> None:
         """Collective: metrics without a checkpoint (e.g. an evaluation)."""
 
 
 class FolderCheckpointer:
-    """Checkpoints in `<directory>/step_<n>/` without Ray (one process, or ranks sharing a
-    file system); the newest complete one resumes."""
+    """Checkpoints in the run directory's `checkpoints/step_<n>/` without Ray (one process,
+    or ranks sharing a file system); the newest complete one resumes."""
 
-    def __init__(self, directory: Path, keep: int = 2):
-        self.directory, self.keep = directory, keep
+    def __init__(self, run_dir: RunDir, keep: int = 2):
+        self.run_dir, self.keep = RunDir(run_dir), keep
 
     def _complete(self) -> list[Path]:
-        found = sorted(self.directory.glob("step_*"), key=lambda d: int(d.name.split("_")[1]))
-        return [d for d in found if (d / train_state.META).exists()]
+        return [d for d in self.run_dir.folder_checkpoints_by_step() if (d / train_state.META).exists()]
 
     @contextlib.contextmanager
     def latest(self) -> Iterator[Optional[Path]]:
@@ -41,10 +48,11 @@ class FolderCheckpointer:
         done = comm.decided_by_rank_0(self._complete)
         yield done[-1] if done else None
 
-    def save(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
-        folder = self.directory / f"step_{step:08d}"
+    @contextlib.contextmanager
+    def saving(self, step: int, metrics: dict) -> Iterator[Path]:
+        folder = self.run_dir.folder_checkpoint(step)
         folder.mkdir(parents=True, exist_ok=True)
-        write(folder)
+        yield folder
         comm.barrier()
         if comm.get_rank() == 0:
             for old in self._complete()[:-self.keep]:

@@ -62,6 +62,16 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return config
 
 
+def import_deepspeed():
+    """DeepSpeed, told that it runs on CPUs when there is no GPU, rather than have it warn
+    that it guessed (it reads DS_ACCELERATOR once, at its first import)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
 def bind_deepspeed_to(device: torch.device) -> SimpleNamespace | None:
     """Make DeepSpeed use `device`, this worker's GPU as Ray Train chose it; -> the `args`
     for deepspeed.initialize (None on CPU: nothing to choose).

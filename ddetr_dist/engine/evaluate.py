@@ -29,6 +29,7 @@ import torch
 from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config
 from ddetr_dist import comm
+from ddetr_dist.engine.run_dir import EvalDir
 
 log = logging.getLogger("ddetr_dist.eval")
 # COCOeval.stats, in order
@@ -201,11 +202,11 @@ def score(gt: dict, detections: Path | bytes) -> tuple[dict, dict]:
 def write_results(out_dir: Path, result: EvalResult, detections_json: bytes) -> None:
     """`out_dir/detections.json` (COCO results), then `out_dir/metrics.json` (last: it marks
     a finished evaluation, which the train loop looks for after a resume)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "detections.json", detections_json)
+    files = EvalDir(out_dir)
+    files.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(files.detections, detections_json)
     saved = {"metrics": result.metrics, "per_category_AP": result.per_category}
-    atomic_write_bytes(out_dir / "metrics.json", json.dumps(saved, indent=1).encode())
+    atomic_write_bytes(files.metrics, json.dumps(saved, indent=1).encode())
 
 
 def evaluate(model, criterion, postprocess, cfg: Config, device, out_dir: Path | None, gt: dict | None = None,

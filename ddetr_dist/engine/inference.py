@@ -8,18 +8,17 @@ import json
 from pathlib import Path
 
 from ddetr_dist.config import Config, ConfigError, load_config
-from ddetr_dist.engine.train_state import META, PORTABLE
+from ddetr_dist.engine.portable import PORTABLE
+from ddetr_dist.engine.run_dir import RAY_CHECKPOINT_PREFIX, RunDir
+from ddetr_dist.engine.train_state import META
 from ddetr_dist.models import build_model, load_official_checkpoint
 from ddetr_dist.models.checkpoint import model_state_dict, read_checkpoint
 from ddetr_dist.models.convert import model_config_of
 
-RUN_CONFIG = "config.yaml"
-
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder of a run directory (Ray's or the folder form)."""
-    found = [d for d in list(run_dir.glob("checkpoint_*")) + list(run_dir.glob("checkpoints/step_*"))
-             if (d / META).is_file() and (d / PORTABLE).is_file()]
+    found = [d for d in RunDir(run_dir).checkpoint_folders() if (d / META).is_file() and (d / PORTABLE).is_file()]
     return max(found, key=lambda d: json.loads((d / META).read_text())["step"], default=None)
 
 
@@ -32,20 +31,19 @@ def resolve_weights(path: str | Path) -> tuple[Path, Path | None]:
         newest = newest_checkpoint(path)
         if newest is not None:
             return newest / PORTABLE, path
-        if (path / "model_final.pth").is_file():
-            return path / "model_final.pth", path
-        raise FileNotFoundError(f"{path}: a directory without checkpoints (no checkpoint_*/ with {META} and "
-                                f"{PORTABLE}, no model_final.pth); point --checkpoint at a run directory or a .pth")
+        final = RunDir(path).final_model
+        if final.is_file():
+            return final, path
+        raise FileNotFoundError(f"{path}: a directory without checkpoints (no {RAY_CHECKPOINT_PREFIX}*/ with {META} "
+                                f"and {PORTABLE}, no {final.name}); point --checkpoint at a run directory or a .pth")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return path, _run_dir_above(path)
 
 
 def _run_dir_above(path: Path) -> Path | None:
-    for parent in list(path.parents)[:3]:
-        if (parent / RUN_CONFIG).is_file():
-            return parent
-    return None
+    run_dir = RunDir.above(path)
+    return run_dir.path if run_dir is not None else None
 
 
 def load_trained(checkpoint: str | Path, config: str | None, overrides: list[str], default_config: Path):
@@ -54,7 +52,7 @@ def load_trained(checkpoint: str | Path, config: str | None, overrides: list[str
     from the checkpoint itself."""
     weights, run_dir = resolve_weights(checkpoint)
     if config is None and run_dir is not None:
-        config = run_dir / RUN_CONFIG
+        config = RunDir(run_dir).config
     cfg: Config = load_config(config or default_config, overrides)
     ckpt = read_checkpoint(weights)
     model_cfg = model_config_of(ckpt, model_state_dict(ckpt, weights), cfg.model)

@@ -1,6 +1,6 @@
-"""The one place a run's metrics go out: `metrics.jsonl` in the run directory (one JSON
-object per logged step or evaluation) and the console, on rank 0. Evaluation and
-TensorBoard attach here as sinks."""
+"""The one place a run's metrics go out: the run directory's `metrics.jsonl` (one JSON
+object per logged step or evaluation) and the console, on rank 0. TensorBoard attaches
+here as a sink."""
 from __future__ import annotations
 
 import json
@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 
 from ddetr_dist.atomic import atomic_write_bytes
+from ddetr_dist.engine.run_dir import RunDir
 
 log = logging.getLogger("ddetr_dist.train")
-METRICS_FILE = "metrics.jsonl"
 
 Sink = Callable[[dict], None]
 
@@ -32,8 +32,8 @@ class MetricsLog:
     """Rank 0 writes, the other ranks only count. Each record gets `time` (seconds since
     the epoch) and must carry `step` and `epoch`."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.path = Path(run_dir) / METRICS_FILE
+    def __init__(self, path: Path, enabled: bool):
+        self.path = Path(path)  # the run directory's metrics.jsonl
         self.enabled = enabled
         self.sinks: list[Sink] = []
 
@@ -63,8 +63,8 @@ class MetricsLog:
             log.info("%s", json.dumps(record))
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: str | Path | RunDir) -> list[dict]:
+    path = RunDir(run_dir).metrics
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 

@@ -24,41 +24,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ddetr_dist import comm
 from ddetr_dist.engine.evaluate import outputs_to_float
+from ddetr_dist.engine.metrics_window import StepTimes
 
 MIN_LOSS_SCALE = 1.0
 LOGGED_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
-
-
-@dataclass
-class StepTimes:
-    """Seconds spent in each phase since the last log line (this rank)."""
-
-    data: float = 0.0
-    forward: float = 0.0
-    backward: float = 0.0  # includes the gradient all-reduce
-    optimizer: float = 0.0
-    allreduce: float = 0.0  # DeepSpeed's gradient reduction at the boundary (a part of backward)
-    images: int = 0
-    micro_steps: int = 0  # with a finite loss
-    optimizer_steps: int = 0
-    losses: dict = field(default_factory=dict)
-
-    @property
-    def total(self) -> float:
-        return self.data + self.forward + self.backward + self.optimizer
-
-    def add(self, other: "StepTimes") -> None:
-        for name in ("data", "forward", "backward", "optimizer", "allreduce", "images", "micro_steps",
-                     "optimizer_steps"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for key, value in other.losses.items():
-            self.losses[key] = self.losses.get(key, 0.0) + value
 
 
 @dataclass
@@ -89,8 +64,15 @@ def install_loss_scaler(engine, device: torch.device, initial_power: int, window
     return scaler
 
 
+def window_num_boxes(window: list) -> float:
+    """The loss normaliser of every micro-batch in the window: the mean number of target
+    boxes per micro-batch over the window's micro-batches on all ranks (collective)."""
+    boxes = sum(len(t["labels"]) for _, _, targets in window for t in targets)
+    return comm.all_reduce_sum([boxes])[0] / (comm.get_world_size() * len(window))
+
+
 class WindowStep:
-    """Runs optimizer steps on one rank's DeepSpeed engine: `run(window, num_boxes, times)`."""
+    """Runs optimizer steps on one rank's DeepSpeed engine: `run(window, times)`."""
 
     def __init__(self, engine, criterion, device: torch.device, zero_stage: int,
                  loss_scaler: torch.amp.GradScaler | None = None):
@@ -112,10 +94,11 @@ class WindowStep:
 
         self.engine.allreduce_gradients = timed
 
-    def run(self, window: list, num_boxes: float, times: StepTimes, poisoned: bool = False,
-            loss_factor: float = 1.0) -> StepResult:
-        """Forward/backward/step every micro-batch of `window`. `poisoned` makes every loss
-        NaN, `loss_factor` multiplies them (fault injection for tests)."""
+    def run(self, window: list, times: StepTimes, poisoned: bool = False, loss_factor: float = 1.0) -> StepResult:
+        """Forward/backward/step every micro-batch of `window`, adding the time each phase
+        took to `times`. `poisoned` makes every loss NaN, `loss_factor` multiplies them
+        (fault injection for tests: engine/faults.py)."""
+        num_boxes = window_num_boxes(window)
         bad = False
         for index, (images, padding_mask, targets) in enumerate(window):
             boundary = index == len(window) - 1

@@ -1,4 +1,4 @@
-"""TensorBoard on rank 0 (`<run dir>/tensorboard/`): a sink of `MetricsLog`, so every
+"""TensorBoard on rank 0 (the run directory's `tensorboard/`): a sink of `MetricsLog`, so every
 number that goes to metrics.jsonl also becomes a scalar, plus pictures and hparams."""
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 
 from ddetr_dist.config import Config, to_dict
 
-TENSORBOARD_DIR = "tensorboard"
 NOT_SCALARS = {"step", "epoch", "time", "event"}
 
 
@@ -24,10 +23,10 @@ def scalar_tag(event: str, key: str) -> str:
 
 
 class TensorBoardSink:
-    def __init__(self, run_dir: Path, purge_step: int | None = None):
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = Path(run_dir) / TENSORBOARD_DIR
+        self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
 
     def __call__(self, record: dict) -> None:

@@ -6,6 +6,7 @@ A checkpoint is one directory (Ray merges every worker's files into it):
     deepspeed/<tag>/...         DeepSpeed's own files (model, optimizer; ZeRO shards keyed by rank)
     rank_state/rank_<r>.pt      each rank's RNG states (torch, python, numpy)
     portable.pt                 world-size-free: fp32 model + AdamW state by parameter name
+                                (engine/portable.py)
 
 Resuming with the same world size and ZeRO stage loads DeepSpeed's files and every rank's
 RNG: bitwise the run that was interrupted. Any other world size or stage loads
@@ -16,7 +17,8 @@ every rank with its size, so a directory missing a part (a rank's ZeRO shard inc
 refused by name rather than half-loaded.
 
 "Exact" also needs the same sample order: meta.json records what decides it
-(`data_order`); a resume where any of it changed loads `portable.pt` and names the keys.
+(`data_order`); a resume where any of it changed loads `portable.pt` and names the keys
+(engine/resume.py decides which).
 """
 from __future__ import annotations
 
@@ -32,11 +34,10 @@ import torch
 
 from ddetr_dist.atomic import atomic_open, atomic_write_bytes
 from ddetr_dist import comm
+from ddetr_dist.engine.portable import PORTABLE, portable_state
 
 META = "meta.json"
-PORTABLE = "portable.pt"
 DEEPSPEED_DIR = "deepspeed"
-ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class IncompleteCheckpointError(RuntimeError):
@@ -103,6 +104,11 @@ def order_changes(saved: Progress, now: Progress) -> list[str]:
     return changed
 
 
+def deepspeed_tag(step: int) -> str:
+    """The folder of DeepSpeed's files under deepspeed/ (one checkpoint holds one step)."""
+    return f"step_{step}"
+
+
 def rank_state_path(directory: Path, rank: int) -> Path:
     return directory / "rank_state" / f"rank_{rank}.pt"
 
@@ -124,52 +130,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _full_param(p: torch.nn.Parameter) -> torch.Tensor:
-    """The whole fp32 value of a parameter, however DeepSpeed partitioned it (collective
-    under ZeRO: every rank calls this for every parameter in the same order)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    full = safe_get_full_fp32_param(p) if p.requires_grad else None
-    if full is None and hasattr(p, "ds_id"):  # a frozen ZeRO-3 parameter: gather it
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p]):
-            full = p.detach().clone()
-    return (full if full is not None else p.detach()).float().cpu()
-
-
-def _full_optimizer_state(p: torch.nn.Parameter, optimizer: torch.optim.Optimizer, zero_stage: int) -> dict:
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    if zero_stage == 0:
-        state = optimizer.state.get(p, {})
-        return {k: state[k].detach().float().cpu() for k in ADAM_STATE_KEYS if k in state}
-    out = {}
-    for key in ADAM_STATE_KEYS:
-        value = safe_get_full_optimizer_state(p, key)
-        if value is not None:
-            out[key] = value.float().cpu()
-    return out
-
-
-def _optimizer_step_count(optimizer: torch.optim.Optimizer) -> int:
-    for state in optimizer.state.values():
-        if "step" in state:
-            return int(state["step"])
-    return 0
-
-
-def relink_optimizer_fragments(engine) -> None:
-    """DeepSpeed ZeRO-1/2 links each parameter to its slice of the optimizer state once,
-    during the first step, while it steps the parameter groups one at a time: groups after
-    the first have no state yet and stay linked to nothing (deepspeed 0.19, several groups).
-    Link again now that every group has its state."""
-    zero_optimizer = engine.optimizer
-    if hasattr(zero_optimizer, "_hp_optimizer_states_linked") and zero_optimizer.optimizer.state:
-        zero_optimizer._hp_optimizer_states_linked = False
-        zero_optimizer._lazy_init_hp_params_optimizer_state()
-
-
 def average_batchnorm_statistics(module: torch.nn.Module) -> None:
     """Trainable BatchNorm (`model.backbone_norm=bn`) keeps running statistics per rank:
     DeepSpeed broadcasts buffers only at the start. Before an evaluation or a save, every
@@ -178,35 +138,6 @@ def average_batchnorm_statistics(module: torch.nn.Module) -> None:
     with torch.no_grad():
         comm.average_([b for name, b in module.named_buffers()
                        if name.endswith(("running_mean", "running_var")) and b.is_floating_point()])
-
-
-def portable_state(engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> dict | None:
-    """World-size-free model + optimizer state; collective, the result on rank 0 only."""
-    rank0 = comm.get_rank() == 0
-    module = engine.module
-    relink_optimizer_fragments(engine)
-    own = module.state_dict()  # the keys (and buffers) in the official order
-    # shared heads appear under several keys: gather each parameter once
-    params = dict(module.named_parameters(remove_duplicate=False))
-    gathered: dict[int, torch.Tensor] = {}
-    model, adam = {}, {}
-    for name in own:
-        p = params.get(name)
-        if p is None:  # a buffer
-            value = own[name].detach().cpu()
-        elif id(p) in gathered:
-            value = gathered[id(p)]
-        else:
-            value = gathered[id(p)] = _full_param(p)
-            if p.requires_grad:
-                state = _full_optimizer_state(p, optimizer, zero_stage)
-                if state and rank0:
-                    adam[name] = state
-        if rank0:
-            model[name] = value.clone()
-    if not rank0:
-        return None
-    return {"model": model, "adam": adam, "adam_step": _optimizer_step_count(optimizer)}
 
 
 def _file_sizes(directory: Path) -> dict[str, int]:
@@ -223,7 +154,7 @@ def save(directory: Path, engine, optimizer: torch.optim.Optimizer, progress: Pr
     which Ray merges; or one folder all ranks share). Collective: every rank calls it at the
     same step."""
     rank = comm.get_rank()
-    tag = f"step_{progress.step}"
+    tag = deepspeed_tag(progress.step)
     average_batchnorm_statistics(engine.module)  # DeepSpeed's files below hold rank 0's
     (directory / DEEPSPEED_DIR / tag).mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=tag, save_latest=True)
@@ -257,64 +188,9 @@ def check_complete(directory: Path, progress: Progress) -> None:
             "upload failed; delete this directory to resume from the checkpoint before it.")
 
 
-def load_portable_model(directory: Path, module: torch.nn.Module) -> dict:
-    """Before deepspeed.initialize: the fp32 weights into `module`; -> the portable state."""
-    portable = torch.load(directory / PORTABLE, map_location="cpu", weights_only=True)
-    module.load_state_dict(portable["model"], strict=True)
-    return portable
-
-
-def _create_zero3_adam_state(engine) -> None:
-    """The state torch's AdamW creates at its first step, for each flat fp32 partition of
-    ZeRO-3 (the tensors its optimizer steps; deepspeed 0.19 `fp32_partitioned_groups_flat`)."""
-    zero3 = engine.optimizer
-    for flat in zero3.fp32_partitioned_groups_flat:
-        if not zero3.optimizer.state.get(flat):
-            zero3.optimizer.state[flat] = {"step": torch.zeros((), dtype=torch.float32),
-                                           "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-
-
-def load_portable_optimizer(portable: dict, engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> None:
-    """After deepspeed.initialize: the AdamW moments of every parameter, re-cut for this
-    world size. DeepSpeed creates optimizer state lazily, so first take one step with zero
-    gradients at lr 0 (changes no weight), or under ZeRO-3 (whose partitioned parameters
-    cannot take that backward) create the state AdamW would; then overwrite the moments
-    and the step count."""
-    from deepspeed.utils import safe_set_full_optimizer_state
-
-    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    if zero_stage == 3:
-        _create_zero3_adam_state(engine)
-    else:
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        for g in optimizer.param_groups:
-            g["lr"] = 0.0
-        # a boundary whatever train.grad_accum is: only a boundary step makes the state
-        engine.set_gradient_accumulation_boundary(True)
-        engine.backward(sum(p.sum() * 0.0 for _, p in trainable))
-        engine.step()
-        for g, lr in zip(optimizer.param_groups, lrs):
-            g["lr"] = lr
-        relink_optimizer_fragments(engine)
-    for name, p in trainable:
-        state = portable["adam"].get(name)
-        if state is None:
-            continue
-        for key, value in state.items():
-            if zero_stage == 0:
-                optimizer.state[p][key].copy_(value.to(optimizer.state[p][key]))
-            else:
-                safe_set_full_optimizer_state(p, value, key)
-    for state in optimizer.state.values():  # AdamW's bias correction depends on the step count
-        if torch.is_tensor(state.get("step")):
-            state["step"].fill_(portable["adam_step"])
-        elif "step" in state:
-            state["step"] = portable["adam_step"]
-
-
 def restore(directory: Path, engine, progress: Progress) -> None:
     """Same world size and stage: DeepSpeed's own files and this rank's RNG, exactly."""
-    tag = f"step_{progress.step}"
+    tag = deepspeed_tag(progress.step)
     path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
     if path is None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ddetr_dist.config import Config, load_config
+from ddetr_dist.engine.evaluate import outputs_to_float
 
 PHASES = ("data", "forward", "backward", "allreduce", "optimizer")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
@@ -87,12 +88,53 @@ def synthetic_batches(cfg: Config, size: tuple[int, int], device: torch.device, 
     return itertools.cycle(batches)
 
 
+class PlainStep:
+    """One optimizer step of the plain loop, each phase timed into `times`."""
+
+    def __init__(self, cfg: Config, model, criterion, optimizer, device: torch.device):
+        self.model, self.criterion, self.optimizer, self.device = model, criterion, optimizer, device
+        self.autocast_dtype = AUTOCAST.get(cfg.train.precision)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+        self.clip_max_norm = cfg.optim.clip_max_norm
+
+    def now(self) -> float:  # CUDA runs asynchronously: wait for the GPU before reading the clock
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __call__(self, batch, mask, targets, times: dict, tick: float) -> None:
+        """`tick`: when the wait for this batch began."""
+        device, scaler = self.device, self.scaler
+        batch, mask = batch.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        targets = [{k: v.to(device) for k, v in target.items()} for target in targets]
+        t0 = self.now()
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            outputs = self.model(batch, mask)
+        losses = self.criterion(outputs_to_float(outputs), targets)
+        loss = sum(losses[k] * w for k, w in self.criterion.weight_dict.items() if k in losses)
+        t1 = self.now()
+        self.optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        t2 = self.now()
+        if scaler:
+            scaler.unscale_(self.optimizer)  # clip the true gradients
+        if self.clip_max_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_max_norm)
+        if scaler:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        t3 = self.now()
+        for phase, dt in zip(("data", "forward", "backward", "optimizer"), (t0 - tick, t1 - t0, t2 - t1, t3 - t2)):
+            times[phase] += dt
+
+
 def plain_loop(cfg: Config, steps: int, batches=None, device: torch.device = torch.device("cpu")) -> Measured:
     """(a): what a user would write without DeepSpeed or Ray: `train.precision`'s autocast
     around the forward (losses in fp32, as the engine computes them), a GradScaler for fp16.
     `batches`: an iterator of (images, padding_mask, targets); default the train loader."""
     from ddetr_dist.data import build_train_loader
-    from ddetr_dist.engine.evaluate import outputs_to_float
     from ddetr_dist.engine.optim import build_optimizer
     from ddetr_dist.models import build_model
 
@@ -106,14 +148,8 @@ def plain_loop(cfg: Config, steps: int, batches=None, device: torch.device = tor
     if batches is None:
         batches = build_train_loader(dataclasses.replace(cfg.data, samples_per_epoch=10 ** 6), seed=cfg.seed,
                                      rank=0, world_size=1, pin_memory=cuda)
-    autocast_dtype = AUTOCAST.get(cfg.train.precision)
-    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
-
-    def now() -> float:  # CUDA runs asynchronously: wait for the GPU before reading the clock
-        if cuda:
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
+    plain_step = PlainStep(cfg, model, criterion, optimizer, device)
+    now = plain_step.now
     model.train()
     times = dict.fromkeys(PHASES, 0.0)
     images, start, tick = 0, 0.0, now()
@@ -122,29 +158,7 @@ def plain_loop(cfg: Config, steps: int, batches=None, device: torch.device = tor
         if step == warmup:
             times, images, start = dict.fromkeys(PHASES, 0.0), 0, now()
             tick = start
-        batch, mask = batch.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        targets = [{k: v.to(device) for k, v in target.items()} for target in targets]
-        t0 = now()
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            outputs = model(batch, mask)
-        losses = criterion(outputs_to_float(outputs), targets)
-        loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
-        t1 = now()
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        t2 = now()
-        if scaler:
-            scaler.unscale_(optimizer)  # clip the true gradients
-        if cfg.optim.clip_max_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        t3 = now()
-        for phase, dt in zip(("data", "forward", "backward", "optimizer"), (t0 - tick, t1 - t0, t2 - t1, t3 - t2)):
-            times[phase] += dt
+        plain_step(batch, mask, targets, times, tick)
         images += len(targets)
         tick = now()
         if step + 1 == warmup + steps:
@@ -196,12 +210,13 @@ def engine_loop(cfg: Config, stage: int, steps: int, workdir: Path) -> Measured:
     """(b): the DeepSpeed engine loop of `ddetr train`, without Ray, in this process."""
     from ddetr_dist.engine.checkpointers import FolderCheckpointer
     from ddetr_dist.engine.loop import Trainer
+    from ddetr_dist.engine.run_dir import RunDir
 
     cfg = timed_run(cfg, f"zero{stage}", steps)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, zero_stage=stage))
-    run_dir = workdir / cfg.name
-    run_dir.mkdir(parents=True)
-    Trainer(cfg, run_dir, FolderCheckpointer(run_dir / "checkpoints")).fit()
+    run_dir = RunDir(workdir / cfg.name)
+    run_dir.path.mkdir(parents=True)
+    Trainer(cfg, run_dir, FolderCheckpointer(run_dir)).fit()
     return measured_from(f"(b) DeepSpeed ZeRO-{stage}, 1 process", last_window(run_dir), steps)
 
 

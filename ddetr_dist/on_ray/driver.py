@@ -2,13 +2,14 @@
 127.0.0.1), and run a Ray Train `TorchTrainer` whose workers each run the DeepSpeed train
 loop (`ddetr_dist.on_ray.worker`).
 
-The run directory `<output_dir>/<name>/` is Ray's storage for the run: it holds Ray's
-checkpoints and run snapshot, and ours: `config.yaml`, `deepspeed_config.json`,
-`metrics.jsonl`, `model_final.pth`. Running the same name again resumes from the newest
-checkpoint (Ray reads its snapshot); a new name starts fresh.
+The run directory `<output_dir>/<name>/` (engine/run_dir.py names its files) is Ray's
+storage for the run: it holds Ray's checkpoints and run snapshot, and ours: the config, the
+DeepSpeed JSON, metrics, TensorBoard, evaluations, the final model. Running the same name
+again resumes from the newest checkpoint (Ray reads its snapshot); a new name starts fresh.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config, ConfigError, check_training_config, save_config, to_dict
 from ddetr_dist.engine.deepspeed_config import check_precision
+from ddetr_dist.engine.run_dir import RunDir
 
 log = logging.getLogger("ddetr_dist.train")
 # Ray phones home unless told otherwise
@@ -40,10 +42,6 @@ class RunResult:
     run_dir: Path
     model_final: Path
     metrics: dict  # the last training record of metrics.jsonl
-
-
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.output_dir).expanduser().resolve() / cfg.name
 
 
 def check_data(cfg: Config) -> None:
@@ -194,13 +192,13 @@ def check_resources(cfg: Config, nodes: list[dict] | None = None) -> bool:
     return use_gpu
 
 
-def write_run_files(cfg: Config, run_dir: Path) -> None:
+def write_run_files(cfg: Config, run_dir: RunDir) -> None:
     from ddetr_dist.engine.deepspeed_config import deepspeed_config
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir.config)
     ds = deepspeed_config(cfg, cfg.ray.num_workers)
-    atomic_write_bytes(run_dir / "deepspeed_config.json", json.dumps(ds, indent=1).encode())
+    atomic_write_bytes(run_dir.deepspeed_config, json.dumps(ds, indent=1).encode())
 
 
 def check_before_start(cfg: Config) -> None:
@@ -219,26 +217,26 @@ def train(cfg: Config) -> RunResult:
     starts, TrainingFailed when the workers fail more than `ray.max_failures` times, or
     once with an error a restart would meet again (ddetr_dist.on_ray.failures)."""
     check_before_start(cfg)
-    run_dir = run_dir_of(cfg)
+    run_dir = RunDir.of(cfg)
     started_ray = connect_ray(cfg)
     try:
         use_gpu = check_resources(cfg)
-        resuming = (run_dir / "metrics.jsonl").exists()
+        resuming = run_dir.metrics.exists()
         write_run_files(cfg, run_dir)
         log.info("%s run %s (%d workers, ZeRO-%d, %s); follow it with: tensorboard --logdir %s",
                  "resuming" if resuming else "starting", run_dir, cfg.ray.num_workers, cfg.train.zero_stage,
-                 cfg.train.precision, run_dir / "tensorboard")
-        _fit(cfg, run_dir, use_gpu)
+                 cfg.train.precision, run_dir.tensorboard)
+        with failures_as_training_failed(run_dir):
+            build_torch_trainer(cfg, run_dir, use_gpu).fit()
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    from ddetr_dist.engine.loop import FINAL_MODEL
     from ddetr_dist.engine.metrics import read_metrics
 
     records = [r for r in read_metrics(run_dir) if r.get("event") == "train"]
-    return RunResult(run_dir, run_dir / FINAL_MODEL, records[-1] if records else {})
+    return RunResult(run_dir.path, run_dir.final_model, records[-1] if records else {})
 
 
 def scaling_config(cfg: Config, use_gpu: bool):
@@ -255,7 +253,7 @@ def torch_config(use_gpu: bool):
     return TorchConfig(backend="nccl" if use_gpu else "gloo")
 
 
-def build_torch_trainer(cfg: Config, run_dir: Path, use_gpu: bool, callbacks: tuple = ()):
+def build_torch_trainer(cfg: Config, run_dir: Path | RunDir, use_gpu: bool, callbacks: tuple = ()):
     """The Ray Train `TorchTrainer` of one run: `cfg.ray.num_workers` workers running the
     DeepSpeed loop, Ray's storage = the run directory. Tune trials build theirs here too.
     A worker error a restart would meet again ends the run at once; other failures restart
@@ -265,27 +263,30 @@ def build_torch_trainer(cfg: Config, run_dir: Path, use_gpu: bool, callbacks: tu
     from ddetr_dist.on_ray.failures import FailFastTorchTrainer
     from ddetr_dist.on_ray.worker import train_loop_per_worker, versions
 
-    r = cfg.ray
+    r, run_dir = cfg.ray, RunDir(run_dir)
     return FailFastTorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "run_id": uuid.uuid4().hex[:8],
                            "cwd": os.getcwd(), "progress_bars": sys.stderr.isatty(), "versions": versions()},
         torch_config=torch_config(use_gpu),
         scaling_config=scaling_config(cfg, use_gpu),
-        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent), callbacks=list(callbacks),
+        run_config=RunConfig(name=run_dir.path.name, storage_path=str(run_dir.path.parent), callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints)),
     )
 
 
-def _fit(cfg: Config, run_dir: Path, use_gpu: bool) -> None:
+@contextlib.contextmanager
+def failures_as_training_failed(run_dir: RunDir):
+    """Ray wraps the workers' error: raise TrainingFailed with its message, without Ray's
+    frames (they are in the log above)."""
     from ddetr_dist.on_ray.failures import deterministic_failures
 
     try:
-        build_torch_trainer(cfg, run_dir, use_gpu).fit()
-    except Exception as e:  # Ray wraps the workers' error: keep its message, drop Ray's frames
+        yield
+    except Exception as e:
         deterministic = deterministic_failures(e)
-        if deterministic:  # the workers' own words, not Ray's tracebacks (they are in the log above)
+        if deterministic:  # the workers' own words
             first = deterministic[0]
             raise TrainingFailed(f"training run {run_dir} failed, not retried (a restart would fail the same "
                                  f"way): {type(first).__name__}: {first}") from e

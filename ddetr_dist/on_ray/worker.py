@@ -2,7 +2,8 @@
 
 Ray made the process group (gloo on CPUs, NCCL on GPUs); DeepSpeed joins it. Checkpoints
 go through `ray.train.report`: every rank writes its part into a local folder, Ray merges
-the folders into one checkpoint directory of the run and keeps `ray.keep_checkpoints`.
+the folders into one checkpoint directory of the run (named by `RunDir`) and keeps
+`ray.keep_checkpoints`.
 After a worker failure or a driver restart, `ray.train.get_checkpoint()` hands the newest
 back and the trainer resumes from it.
 """
@@ -21,10 +22,13 @@ import torch
 
 from ddetr_dist.config import Config, config_from_dict
 from ddetr_dist import comm
+from ddetr_dist.engine.run_dir import RunDir
 from ddetr_dist.errors import InputNotFoundError, VersionMismatchError
 
 
 class RayCheckpointer:
+    """The engine's `Checkpointer` on Ray Train (see engine/checkpointers.py)."""
+
     def __init__(self, run_id: str):
         self.run_id = run_id  # makes checkpoint folder names unique across restarts of the run
 
@@ -39,14 +43,17 @@ class RayCheckpointer:
         with checkpoint.as_directory() as folder:  # the folder itself on a shared file system
             yield Path(folder)
 
-    def save(self, step: int, metrics: dict, write) -> None:
+    @contextlib.contextmanager
+    def saving(self, step: int, metrics: dict) -> Iterator[Path]:
+        """This rank's files go into a local folder; when the block ends, `ray.train.report`
+        copies it into the run's checkpoint of `step`, and the folder goes."""
         import ray.train
 
         folder = Path(tempfile.mkdtemp(prefix=f"ddetr-ckpt-{step}-"))
         try:
-            write(folder)
+            yield folder
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                             checkpoint_dir_name=f"checkpoint_{step:09d}_{self.run_id}")
+                             checkpoint_dir_name=RunDir.ray_checkpoint_name(step, self.run_id))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -64,11 +71,11 @@ def enter_driver_directory(cwd: str) -> None:
         os.chdir(cwd)
 
 
-def check_shared_storage(run_dir: Path) -> None:
+def check_shared_storage(run_dir: RunDir) -> None:
     """Rank 0 writes metrics, TensorBoard and model_final.pth into the run directory, and
     every rank writes its checkpoint shard there: each node must see the folder the driver
     made (an NFS/Lustre path, or a Kubernetes ReadWriteMany volume, at the same path)."""
-    if not (run_dir / "config.yaml").is_file():
+    if not run_dir.config.is_file():
         import ray
 
         raise RuntimeError(
@@ -142,8 +149,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg: Config = config_from_dict(loop_config["config"])
+    run_dir = RunDir(loop_config["run_dir"])
     enter_driver_directory(loop_config["cwd"])
-    check_shared_storage(Path(loop_config["run_dir"]))
+    check_shared_storage(run_dir)
     check_inputs(cfg)
     torch.set_num_threads(cfg.ray.cpus_per_worker)
     device = ray.train.torch.get_device()
@@ -152,7 +160,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_id = comm.broadcast_object(loop_config["run_id"])
     workers = comm.all_gather_object(worker_info())
     check_versions(loop_config["versions"], workers)  # every rank raises alike: no one waits
-    trainer = Trainer(cfg, Path(loop_config["run_dir"]), RayCheckpointer(run_id), device=device,
+    trainer = Trainer(cfg, run_dir, RayCheckpointer(run_id), device=device,
                       progress_bar=ray_progress_bar if loop_config["progress_bars"] else None)
     trainer.metrics.emit({"event": "workers", "step": trainer.progress.step, "epoch": trainer.progress.epoch,
                           "workers": workers})

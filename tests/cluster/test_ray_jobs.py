@@ -1,5 +1,5 @@
-"""`ray job submit` (through launch/submit.sh, the README's command, run from a user's copy of
-the code with relative paths and the README's client setup) against a real Ray cluster made
+"""`ray job submit` (through launch/submit.sh, docs/clusters.md's command, run from a user's copy
+of the code with relative paths and its client setup) against a real Ray cluster made
 like a cloud one (`ray_cluster.py`): a CPU head and 2 worker nodes of 1 CPU, each node its
 own network namespace, host name and file system, sharing one directory (the NFS mount) and
 the Python environment without our package: the code reaches the nodes only as the job's

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from ddetr_dist.engine.run_dir import RunDir
 from engine.engine_helpers import FROM_SCRATCH, TINY_OVERRIDES
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
@@ -49,7 +50,7 @@ def start_train(config: Path, *overrides: str, log: Path) -> subprocess.Popen:
 
 
 def records(run_dir: Path, event: str | None = None) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return []
     out = []

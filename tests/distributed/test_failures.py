@@ -37,7 +37,7 @@ def decision(error, max_failures: int = 3) -> str:
 
 
 def nonfinite_loss_error():
-    from ddetr_dist.engine.loop import NonFiniteLossError
+    from ddetr_dist.engine.bad_steps import NonFiniteLossError
 
     return NonFiniteLossError("2 steps in a row had a non-finite loss or gradient (train.max_bad_steps=2)")
 

@@ -56,9 +56,10 @@ def _worker(rank: int, world: int, port: int, cfg, run_dir: str, result_file: st
     try:
         from ddetr_dist.engine.checkpointers import FolderCheckpointer
         from ddetr_dist.engine.loop import Trainer
-        from ddetr_dist.engine.train_state import portable_state
+        from ddetr_dist.engine.portable import portable_state
+        from ddetr_dist.engine.run_dir import RunDir
 
-        trainer = Trainer(cfg, Path(run_dir), FolderCheckpointer(Path(run_dir) / "checkpoints"))
+        trainer = Trainer(cfg, RunDir(run_dir), FolderCheckpointer(RunDir(run_dir)))
         trainer.fit()
         # collective under ZeRO-3 (parameters are partitioned): every rank takes part
         full = portable_state(trainer.engine, trainer.optimizer, cfg.train.zero_stage)

@@ -45,6 +45,7 @@ def test_the_trainer_passes_its_device_to_deepspeed(monkeypatch, tmp_path, tiny_
 
     from ddetr_dist.engine.checkpointers import FolderCheckpointer
     from ddetr_dist.engine.loop import Trainer
+    from ddetr_dist.engine.run_dir import RunDir
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)  # no GPU here
@@ -56,6 +57,5 @@ def test_the_trainer_passes_its_device_to_deepspeed(monkeypatch, tmp_path, tiny_
     monkeypatch.setattr(deepspeed, "initialize", initialize)
     cfg = tiny_config(tiny_data, tmp_path, "data.val_shards=")
     with pytest.raises(Initialized):
-        Trainer(cfg, tmp_path / "run", FolderCheckpointer(tmp_path / "run" / "checkpoints"),
-                device=torch.device("cuda", 10))
+        Trainer(cfg, tmp_path / "run", FolderCheckpointer(RunDir(tmp_path / "run")), device=torch.device("cuda", 10))
     assert getattr(seen.get("args"), "device_rank", None) == 10, seen.get("args")

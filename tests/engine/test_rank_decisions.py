@@ -3,7 +3,7 @@ collective are rank 0's (ranks reading files on NFS can disagree), random draws 
 weights are built are each rank's own (seed + rank)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +15,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 def _evaluated_already(rank: int, base_dir: str, cfg) -> bool:
     from ddetr_dist.engine.eval_hook import EvalHook
+    from ddetr_dist.engine.metrics import MetricsLog
+    from ddetr_dist.engine.run_dir import RunDir
 
     # each rank sees its own folder, as nodes whose NFS caches disagree would: only rank
     # 1's holds the evaluation of step 4
-    hook = EvalHook(SimpleNamespace(cfg=cfg))
-    return hook.done_at(SimpleNamespace(run_dir=__import__("pathlib").Path(base_dir) / f"rank{rank}"), 4)
+    run_dir = RunDir(Path(base_dir) / f"rank{rank}")
+    hook = EvalHook(cfg, run_dir, module=None, criterion=None, postprocess=None, device=torch.device("cpu"),
+                    metrics=MetricsLog(run_dir.metrics, enabled=False))
+    return hook.done_at(4)
 
 
 def test_whether_the_final_evaluation_is_done_is_decided_by_rank_0(tmp_path, tiny_data):
@@ -32,12 +36,11 @@ def test_whether_the_final_evaluation_is_done_is_decided_by_rank_0(tmp_path, tin
 
 
 def _after_building(rank: int, cfg, run_dir: str) -> dict:
-    from pathlib import Path
-
     from ddetr_dist.engine.checkpointers import FolderCheckpointer
     from ddetr_dist.engine.loop import Trainer
+    from ddetr_dist.engine.run_dir import RunDir
 
-    trainer = Trainer(cfg, Path(run_dir), FolderCheckpointer(Path(run_dir) / "checkpoints"))
+    trainer = Trainer(cfg, RunDir(run_dir), FolderCheckpointer(RunDir(run_dir)))
     weights = torch.cat([p.detach().flatten() for p in trainer.engine.module.parameters()])
     return {"weights": weights, "dropout_mask": torch.nn.functional.dropout(torch.ones(256), 0.5) > 0}
 

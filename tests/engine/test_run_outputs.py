@@ -111,3 +111,17 @@ def test_ddetr_predict_draws_good_images_and_names_the_corrupt_one(finished_run,
     rotated = json.loads((tmp_path / "out" / "rotated.json").read_text())
     assert (rotated["width"], rotated["height"]) == (source.height, source.width)  # turned upright
     assert not (tmp_path / "out" / "corrupt.json").exists()
+
+
+def test_ddetr_predict_takes_positional_overrides_like_the_other_commands(finished_run, tiny_data, tmp_path, capsys):
+    image = sorted((tiny_data / "val" / "images").glob("*.jpg"))[0]
+    common = ["--checkpoint", str(finished_run / "model_final.pth"), "--threshold", "0", "--out", str(tmp_path / "out")]
+    assert predict_main([str(image), "data.val_scal=64", *common]) == 2  # a misspelled key: named, with the nearest
+    assert "unknown config key 'data.val_scal'. Did you mean 'val_scale'?" in capsys.readouterr().err
+    # without shards to name the classes they are numbers: the overrides were applied
+    assert predict_main([str(image), "data.val_shards=", *common, "data.train_shards="]) == 0
+    record = json.loads((tmp_path / "out" / f"{image.stem}.json").read_text())
+    assert record["detections"] and all(d["category"] == str(d["label"]) for d in record["detections"])
+    # the old option still works, with a note
+    assert predict_main([str(image), "--override", "data.val_scale=64", *common]) == 0
+    assert "--override is deprecated" in capsys.readouterr().err

@@ -1,0 +1,50 @@
+"""Where a resumed run continues. With the world size, ZeRO stage and everything else that
+decides the sample order unchanged, exactly where the checkpoint was taken (DeepSpeed's
+files and every rank's RNG: engine/train_state.py restores them). Otherwise from the
+checkpoint's world-size-free form, at the same fraction of the epoch, and the log names
+what changed.
+
+The plan is made on rank 0 and broadcast: ranks reading a checkpoint on their own can
+disagree (NFS) and leave one waiting in a collective the others skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from ddetr_dist.engine import train_state
+from ddetr_dist.engine.train_state import Progress
+
+log = logging.getLogger("ddetr_dist.train")
+
+
+def plan_resume(resume_dir: Path | None, now: Progress) -> tuple[Progress | None, list[str]]:
+    """(On rank 0.) The checkpoint's progress, after checking every rank's part is there,
+    and what changed since in what decides the sample order ([] = resume exactly)."""
+    if resume_dir is None:
+        return None, []
+    saved = Progress.read(resume_dir)
+    train_state.check_complete(resume_dir, saved)
+    return saved, train_state.order_changes(saved, now)
+
+
+def resumed_progress(resume_dir: Path, saved: Progress, changed: list[str], now: Progress, grad_accum: int,
+                     batches_per_step_epoch: int) -> Progress:
+    """`now` (this run's shape) at the checkpoint's step, epoch and counters. `changed`: the
+    old run's data order cannot be replayed, so the epoch continues at the same fraction,
+    on a step boundary."""
+    k = grad_accum
+    if not changed:
+        batches_in_epoch = saved.batches_in_epoch
+    else:
+        fraction = saved.batches_in_epoch / (saved.batches_per_epoch or
+                                             now.batches_per_epoch * now.world_size / saved.world_size)
+        batches_in_epoch = min(k * int(fraction * now.batches_per_epoch / k), batches_per_step_epoch)
+        log.warning("resuming %s from its world-size-free form, not exactly: %s changed; the order of the "
+                    "samples in the rest of epoch %d differs from the old run's", resume_dir, "; ".join(changed),
+                    saved.epoch)
+    return dataclasses.replace(
+        now, step=saved.step, epoch=saved.epoch, batches_in_epoch=batches_in_epoch,
+        skipped_steps=saved.skipped_steps, overflow_steps=saved.overflow_steps,
+        bad_steps_in_a_row=saved.bad_steps_in_a_row, samples_seen=saved.samples_seen)

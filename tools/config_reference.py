@@ -1,0 +1,169 @@
+"""Write docs/configuration-reference.md: every key of the config tree (ddetr_dist/config.py)
+with its type, its default and the comment beside it in the source.
+
+  python tools/config_reference.py           # print the page
+  python tools/config_reference.py --write   # write docs/configuration-reference.md
+  python tools/config_reference.py --check   # exit 1 if that file is not what this writes
+
+The keys, types and defaults come from the dataclasses themselves; the words come from
+config.py's source: a class's docstring describes its section, and a field's comment is the
+`#` comment at the end of its line together with the comment lines right above it.
+tests/test_docs.py fails when the file is stale: rerun with --write after changing config.py.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import io
+import sys
+import tokenize
+import typing
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere: the checkout's package
+    sys.path.insert(0, str(REPO))
+
+from ddetr_dist import config as config_module  # noqa: E402
+from ddetr_dist.config import Config, to_dict  # noqa: E402
+
+SOURCE = Path(config_module.__file__)
+OUTPUT = REPO / "docs" / "configuration-reference.md"
+
+
+@dataclasses.dataclass
+class Field:
+    key: str  # dotted: model.hidden_dim
+    type: str  # as written in the source: tuple[int, ...]
+    default: object
+    comment: str
+
+
+@dataclasses.dataclass
+class Section:
+    name: str  # '' for the root's own keys
+    doc: str
+    fields: list[Field]
+
+
+def source_comments(source: str) -> dict[int, str]:
+    """Line number -> the text of the `#` comment on that line."""
+    comments = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    return comments
+
+
+def field_comments(source: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """(class name, field name) -> (its annotation as written, its comment): the comment lines
+    right above the field (up to the previous statement) and the one at the end of its line."""
+    comments = source_comments(source)
+    lines = source.splitlines()
+    out = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        previous_end = node.lineno
+        for item in node.body:
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                above, line = [], item.lineno - 1
+                while line > previous_end and lines[line - 1].strip().startswith("#"):
+                    above.insert(0, comments[line])
+                    line -= 1
+                words = above + [comments[n] for n in range(item.lineno, item.end_lineno + 1) if n in comments]
+                annotation = ast.get_source_segment(source, item.annotation)
+                out[node.name, item.target.id] = (annotation, " ".join(w for w in words if w))
+            previous_end = item.end_lineno
+    return out
+
+
+def sections() -> list[Section]:
+    """The tree, root keys first, then each section in the order of Config's fields."""
+    source = SOURCE.read_text()
+    comments = field_comments(source)
+    defaults = to_dict(Config())
+
+    def fields_of(cls, prefix: str, values: dict) -> list[Field]:
+        out, hints = [], typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):  # a section: listed on its own
+                continue
+            annotation, comment = comments.get((cls.__name__, f.name), (str(f.type), ""))
+            out.append(Field(prefix + f.name, annotation, values[f.name], comment))
+        return out
+
+    hints = typing.get_type_hints(Config)
+    result = [Section("", Config.__doc__ or "", fields_of(Config, "", defaults))]
+    for f in dataclasses.fields(Config):
+        cls = hints[f.name]
+        if dataclasses.is_dataclass(cls):
+            result.append(Section(f.name, cls.__doc__ or "", fields_of(cls, f.name + ".", defaults[f.name])))
+    return result
+
+
+def show_default(value: object) -> str:
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str):
+        return f"`{value!r}`" if value == "" else f"`{value}`"
+    if isinstance(value, list):
+        return "`[" + ", ".join(str(v) for v in value) + "]`"
+    return f"`{value}`"
+
+
+def cell(text: str, code: bool = False) -> str:
+    """Table-cell text: `|` would end the cell (in a code span too); in prose `<name>` would
+    read as an HTML tag and `2**this` as emphasis."""
+    text = text.replace("|", "\\|")
+    return text if code else text.replace("<", "\\<").replace("*", "\\*")
+
+
+def render() -> str:
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by tools/config_reference.py from ddetr_dist/config.py: do not edit by hand.",
+        "     After changing config.py: .venv/bin/python tools/config_reference.py --write -->",
+        "",
+        "Every key of the config tree, with its type, its default (the dataclass default, before any",
+        "file in `configs/`) and the comment beside it in `ddetr_dist/config.py`. Set a key in a YAML",
+        "file (`section: {key: value}`) or on the command line as `section.key=value`; see",
+        "[configuration.md](configuration.md) for files, `base:` and the override grammar.",
+    ]
+    for section in sections():
+        title = f"`{section.name}`" if section.name else "Top level"
+        doc = " ".join(section.doc.split())
+        out += ["", f"## {title}", "", doc, "", "| key | type | default | what |", "|---|---|---|---|"]
+        for f in section.fields:
+            default = cell(show_default(f.default), code=True)
+            out.append(f"| `{f.key}` | `{cell(f.type, code=True)}` | {default} | {cell(f.comment)} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--write", action="store_true", help=f"write {OUTPUT.relative_to(REPO)}")
+    action.add_argument("--check", action="store_true", help=f"exit 1 if {OUTPUT.relative_to(REPO)} is stale")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.write:
+        OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+        OUTPUT.write_text(text)
+        print(f"wrote {OUTPUT.relative_to(REPO)}")
+    elif args.check:
+        current = OUTPUT.read_text() if OUTPUT.is_file() else ""
+        if current != text:
+            print(f"{OUTPUT.relative_to(REPO)} is stale: run python tools/config_reference.py --write", file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
