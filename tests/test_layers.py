@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "ddetr_dist"
 # lowest first; a part may import only from parts on lower lines
 LAYERS = [
-    {"atomic", "errors"},
+    {"atomic", "errors", "console"},
     {"config", "comm"},  # the config tree; torch.distributed helpers (no Ray)
     {"ops", "data"},  # the attention op; shards and loaders
     {"models"},  # the detector, its loss and checkpoints

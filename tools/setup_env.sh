@@ -21,15 +21,24 @@ fi
 # (the cluster configs point PIP_CONSTRAINT at it, so a job's runtime_env pip uses it too).
 constraints="$VENV/constraints.txt"
 sed "s/^torch==.*/torch==${system_torch:-$(sed -n 's/^torch==//p' constraints.txt)}/" constraints.txt > "$constraints"
-# The machine's pip config names local indexes that may be absent: drop pip's notes about
-# them so real errors stand out.
-pip() {
-  "$VENV/bin/python" -m pip install --quiet -c "$constraints" "$@" \
-    2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+# pip's stderr without what nobody can act on, so real errors stand out: its notes about the
+# machine's local indexes that may be absent, and setuptools' banners (blocks between two
+# lines of "!!", e.g. about editable installs).
+quiet_pip_notes() {
+  awk '/^WARNING: Location .* is ignored/ {next}
+       /^[[:space:]]*!!$/ {banner = !banner; next}
+       !banner {print; fflush()}'
 }
+pip() {
+  "$VENV/bin/python" -m pip install --quiet -c "$constraints" "$@" 2> >(quiet_pip_notes >&2)
+}
+echo "setup: upgrading pip, setuptools, wheel in $VENV (seconds)"
 pip --upgrade pip setuptools wheel
-pip "$(grep '^torch==' "$constraints")"
+torch_pin=$(grep '^torch==' "$constraints")
+echo "setup: installing ${torch_pin/==/ } (about a minute)"
+pip "$torch_pin"
 # editable: the op is JIT-built from csrc/ in the checkout (ddetr_dist/ops/build.py)
+echo "setup: installing ddetr_dist (editable) with ray, deepspeed and the test tools (about a minute)"
 pip -e '.[test]'
 echo "$inputs" > "$stamp"
 echo "setup: done ($VENV)"

@@ -27,6 +27,7 @@ import torch
 from ddetr_dist.config import Config
 from ddetr_dist.data import build_train_loader
 from ddetr_dist import comm
+from ddetr_dist.console import without_library_prints
 from ddetr_dist.engine import train_state
 from ddetr_dist.engine.bad_steps import count_step
 from ddetr_dist.engine.checkpoint_policy import CheckpointPolicy
@@ -80,7 +81,8 @@ class Trainer:
             self._build_engine(model, resume_dir)
         self.stepper = WindowStep(self.engine, self.criterion, self.device, cfg.train.zero_stage, self.loss_scaler)
         self.window = MetricsWindow(self.world_size, cfg.train.log_every_steps, self.total_steps, self.device,
-                                    self.criterion.weight_dict, self.loss_scaler)
+                                    self.criterion.weight_dict, self.loss_scaler, self.steps_per_epoch,
+                                    cfg.train.grad_accum)
         # after a resume, TensorBoard drops what was logged after the checkpoint (it is redone)
         self.tensorboard = TensorBoardSink(self.run_dir.tensorboard, purge_step=self.progress.step + 1) \
             if self.rank == 0 else None
@@ -113,12 +115,14 @@ class Trainer:
         """The DeepSpeed engine around `model`, resumed from `resume_dir` when there is one."""
         deepspeed, cfg = import_deepspeed(), self.cfg
         saved, changed = comm.decided_by_rank_0(lambda: plan_resume(resume_dir, self.progress))
-        portable = load_portable_model(resume_dir, model) if saved is not None and changed else None
+        # every resume starts from the checkpoint's one (world-size-free) copy of the weights
+        portable = load_portable_model(resume_dir, model) if saved is not None else None
         model.to(self.device)
         self.optimizer = build_optimizer(model, cfg.optim, cfg.model)
-        self.engine, *_ = deepspeed.initialize(args=bind_deepspeed_to(self.device), model=model,
-                                               optimizer=self.optimizer, config=self.ds_config,
-                                               dist_init_required=False)
+        with without_library_prints():
+            self.engine, *_ = deepspeed.initialize(args=bind_deepspeed_to(self.device), model=model,
+                                                   optimizer=self.optimizer, config=self.ds_config,
+                                                   dist_init_required=False)
         self.loss_scaler = install_loss_scaler(self.engine, self.device, cfg.train.loss_scale_power,
                                                cfg.train.loss_scale_window) if cfg.train.precision == "fp16" else None
         if saved is not None:
@@ -127,10 +131,9 @@ class Trainer:
             self.metrics.truncate_after(0)
 
     def _resume(self, resume_dir: Path, saved: Progress, changed: list[str], portable: dict | None) -> None:
-        if not changed:
-            train_state.restore(resume_dir, self.engine, saved)
-        else:
-            load_portable_optimizer(portable, self.engine, self.optimizer, self.cfg.train.zero_stage)
+        load_portable_optimizer(portable, self.engine, self.optimizer, self.cfg.train.zero_stage)
+        if not changed:  # after the optimizer's warm-up step, though that draws no random number
+            train_state.restore_rng(resume_dir)
         self.progress = resumed_progress(resume_dir, saved, changed, self.progress, self.cfg.train.grad_accum,
                                          self.batches_per_step_epoch)
         if self.loss_scaler is not None and saved.loss_scaler:

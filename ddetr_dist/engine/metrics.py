@@ -54,13 +54,44 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         for sink in self.sinks:
             sink(record)
-        if record.get("event") == "train":
-            log.info("epoch %d step %d  loss %.4f  lr %.2e  %.1f img/s  data wait %.0f%%%s", record["epoch"],
-                     record["step"], record["loss"], record["lr"], record["images_per_s"],
-                     100 * record["data_wait"], f"  skipped steps {record['skipped_steps']}"
-                     if record.get("skipped_steps") else "")
-        elif record.get("event") != "worker":
-            log.info("%s", json.dumps(record))
+        line = console_line(record)
+        if line:
+            log.info("%s", line)
+
+
+def duration(seconds: float) -> str:
+    """12 s, 4 min 05 s, 2 h 07 min."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def console_line(record: dict) -> str | None:
+    """The line a person reads for a record (the record itself goes to metrics.jsonl), or
+    None: evaluations print their table, skipped steps and the final model their own lines."""
+    event = record.get("event")
+    if event == "train":
+        eta = ""
+        if "eta_s" in record:  # the epoch's part only while the epoch has steps left
+            epoch_left = f"epoch {duration(record['eta_epoch_s'])}, " if record["eta_epoch_s"] >= 0.5 else ""
+            eta = f"  ETA {epoch_left}run {duration(record['eta_s'])}"
+        skipped = f"  skipped steps {record['skipped_steps']}" if record.get("skipped_steps") else ""
+        return (f"epoch {record['epoch']} step {record['step']}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"{record['images_per_s']:.1f} img/s  data wait {100 * record['data_wait']:.0f}%{skipped}{eta}")
+    if event == "workers":
+        return f"{len(record['workers'])} workers: " + ", ".join(
+            f"rank {w['rank']} on {w['host']} (pid {w['pid']})" for w in record["workers"])
+    if event == "checkpoint":
+        return f"checkpoint saved at step {record['step']}"
+    if event == "checkpoint_requested":
+        return f"checkpoint requested: saving at step {record['step']}"
+    if event == "resume":
+        changed = f" (changed: {record['changed']})" if record.get("changed") else ""
+        return f"resumed at step {record['step']} (epoch {record['epoch']}) from {record['from']}{changed}"
+    return None
 
 
 def read_metrics(run_dir: str | Path | RunDir) -> list[dict]:

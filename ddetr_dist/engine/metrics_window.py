@@ -48,8 +48,9 @@ class MetricsWindow:
     epoch. `loss_scaler`: fp16's GradScaler, whose scale the records carry (else None)."""
 
     def __init__(self, world_size: int, log_every_steps: int, total_steps: int, device: torch.device,
-                 loss_weights: dict, loss_scaler=None):
+                 loss_weights: dict, loss_scaler=None, steps_per_epoch: int | None = None, grad_accum: int = 1):
         self.world_size, self.log_every_steps, self.total_steps = world_size, log_every_steps, total_steps
+        self.steps_per_epoch, self.grad_accum = steps_per_epoch, grad_accum  # steps_per_epoch None: no ETA
         self.device, self.loss_weights, self.loss_scaler = device, loss_weights, loss_scaler
         self.times, self.epoch = StepTimes(), StepTimes()
 
@@ -91,6 +92,7 @@ class MetricsWindow:
                   "time_allreduce": times.allreduce,
                   "skipped_steps": p.skipped_steps, "skipped_samples": skipped_samples,
                   **memory_usage(self.device)}
+        record.update(self.eta(p, record["step_time"]))
         if grad_norm is not None:  # unscaled, before clipping
             record["grad_norm"] = grad_norm
         if self.loss_scaler is not None:
@@ -98,6 +100,15 @@ class MetricsWindow:
         record.update({f"{k}_weighted": record[k] * self.loss_weights[k] for k in list(record)
                        if k in self.loss_weights})
         return record
+
+    def eta(self, progress: Progress, step_time: float) -> dict:
+        """Seconds of training steps left in the epoch and in the run, at this window's
+        speed (evaluations and checkpoints not counted)."""
+        if not self.steps_per_epoch:
+            return {}
+        steps_left = max(0, self.total_steps - progress.step)
+        in_epoch = max(0, self.steps_per_epoch - progress.batches_in_epoch // self.grad_accum)
+        return {"eta_epoch_s": min(in_epoch, steps_left) * step_time, "eta_s": steps_left * step_time}
 
     def log_epoch(self, progress: Progress) -> None:
         """The epoch's line (after `close`): its steps, mean loss, speed and data wait."""

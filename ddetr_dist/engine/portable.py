@@ -1,7 +1,8 @@
 """The world-size-free form of a checkpoint (`portable.pt`): the fp32 model and the AdamW
 state by parameter name, gathered from however DeepSpeed partitioned them, and loaded back
-re-cut for any world size and ZeRO stage. A resume that cannot be exact (engine/resume.py)
-and `model_final.pth` (engine/final_outputs.py) use it."""
+re-cut for any world size and ZeRO stage. It is a checkpoint's only copy of the weights
+(engine/train_state.py): every resume, exact or resized (engine/resume.py), loads it, and
+`model_final.pth` (engine/final_outputs.py) is its model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -106,12 +107,25 @@ def _create_zero3_adam_state(engine) -> None:
                                            "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
 
 
+def _set_zero3_optimizer_state(zero3, p: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
+    """This rank's slice of `value` into its ZeRO-3 partition of state `key`. DeepSpeed's own
+    setter (0.19 `set_full_hp_param`) reads past the end of a parameter whose last partition
+    is padded (7 elements on 2 ranks: 4 + 3 and 1 of padding); the padding stays zero, as the
+    zero gradients of the padding leave it in the run that saved."""
+    partition, _ = zero3._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    start = partition.numel() * zero3._get_param_partition_rank(p)
+    piece = value.flatten()[start:start + partition.numel()]
+    partition.data.zero_()
+    partition.data[:piece.numel()].copy_(piece.to(partition))
+
+
 def load_portable_optimizer(portable: dict, engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> None:
     """After deepspeed.initialize: the AdamW moments of every parameter, re-cut for this
     world size. DeepSpeed creates optimizer state lazily, so first take one step with zero
-    gradients at lr 0 (changes no weight), or under ZeRO-3 (whose partitioned parameters
-    cannot take that backward) create the state AdamW would; then overwrite the moments
-    and the step count."""
+    gradients at lr 0 (changes no weight, not one bit: AdamW multiplies by 1 - 0 * weight
+    decay and adds -0.0 * m / (sqrt(v) + eps); an exact resume relies on it), or under
+    ZeRO-3 (whose partitioned parameters cannot take that backward) create the state AdamW
+    would; then overwrite the moments and the step count."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
@@ -135,6 +149,8 @@ def load_portable_optimizer(portable: dict, engine, optimizer: torch.optim.Optim
         for key, value in state.items():
             if zero_stage == 0:
                 optimizer.state[p][key].copy_(value.to(optimizer.state[p][key]))
+            elif zero_stage == 3:
+                _set_zero3_optimizer_state(engine.optimizer, p, value, key)
             else:
                 safe_set_full_optimizer_state(p, value, key)
     for state in optimizer.state.values():  # AdamW's bias correction depends on the step count

@@ -1,8 +1,8 @@
 """Where a resumed run continues. With the world size, ZeRO stage and everything else that
-decides the sample order unchanged, exactly where the checkpoint was taken (DeepSpeed's
-files and every rank's RNG: engine/train_state.py restores them). Otherwise from the
-checkpoint's world-size-free form, at the same fraction of the epoch, and the log names
-what changed.
+decides the sample order unchanged, exactly where the checkpoint was taken (every rank's
+RNG too: engine/train_state.py restores it). Otherwise at the same fraction of the epoch,
+and the log names what changed. Either way the weights and AdamW state come from the
+checkpoint's one, world-size-free copy (engine/portable.py).
 
 The plan is made on rank 0 and broadcast: ranks reading a checkpoint on their own can
 disagree (NFS) and leave one waiting in a collective the others skipped.
@@ -41,7 +41,7 @@ def resumed_progress(resume_dir: Path, saved: Progress, changed: list[str], now:
         fraction = saved.batches_in_epoch / (saved.batches_per_epoch or
                                              now.batches_per_epoch * now.world_size / saved.world_size)
         batches_in_epoch = min(k * int(fraction * now.batches_per_epoch / k), batches_per_step_epoch)
-        log.warning("resuming %s from its world-size-free form, not exactly: %s changed; the order of the "
+        log.warning("resuming %s not exactly: %s changed; the order of the "
                     "samples in the rest of epoch %d differs from the old run's", resume_dir, "; ".join(changed),
                     saved.epoch)
     return dataclasses.replace(

@@ -9,7 +9,7 @@ import numpy as np
 
 from ddetr_dist.config import Config, to_dict
 
-NOT_SCALARS = {"step", "epoch", "time", "event"}
+NOT_SCALARS = {"step", "epoch", "time", "event", "eta_s", "eta_epoch_s"}
 
 
 def scalar_tag(event: str, key: str) -> str:

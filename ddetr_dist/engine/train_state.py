@@ -3,22 +3,26 @@
 A checkpoint is one directory (Ray merges every worker's files into it):
 
     meta.json                   step, epoch, position in the epoch, world size, ZeRO stage, counters
-    deepspeed/<tag>/...         DeepSpeed's own files (model, optimizer; ZeRO shards keyed by rank)
-    rank_state/rank_<r>.pt      each rank's RNG states (torch, python, numpy)
     portable.pt                 world-size-free: fp32 model + AdamW state by parameter name
-                                (engine/portable.py)
+                                (engine/portable.py), gathered to rank 0
+    rank_state/rank_<r>.pt      each rank's RNG states (torch, python, numpy)
 
-Resuming with the same world size and ZeRO stage loads DeepSpeed's files and every rank's
-RNG: bitwise the run that was interrupted. Any other world size or stage loads
-`portable.pt` instead (ZeRO shards are keyed by rank and cannot be re-cut).
+One copy of the weights and moments, in one format: DeepSpeed's own files (per-rank ZeRO
+partitions) are not written. They would hold everything again (ZeRO-1/2 twice over: the
+module and the fp32 partitions), and being keyed by rank they could not serve a resize.
+Every resume loads `portable.pt` and re-cuts it for the engine it builds (engine/portable.py).
+Parameters and AdamW state stay fp32 under every precision (deepspeed_config.py: autocast),
+so nothing is lost: with the same world size, ZeRO stage and sample order, the loaded state
+plus every rank's RNG is bitwise the run that was interrupted.
 
 Every file of ours is written atomically; meta.json, written last, lists every file of
-every rank with its size, so a directory missing a part (a rank's ZeRO shard included) is
+every rank with its size, so a directory missing a part (a rank's RNG state included) is
 refused by name rather than half-loaded.
 
 "Exact" also needs the same sample order: meta.json records what decides it
-(`data_order`); a resume where any of it changed loads `portable.pt` and names the keys
-(engine/resume.py decides which).
+(`data_order`); a resume where any of it changed continues at the same fraction of the
+epoch and names the keys (engine/resume.py decides which). Checkpoints written before
+this format also hold a `deepspeed/` folder; it is listed in their meta.json and ignored.
 """
 from __future__ import annotations
 
@@ -37,7 +41,6 @@ from ddetr_dist import comm
 from ddetr_dist.engine.portable import PORTABLE, portable_state
 
 META = "meta.json"
-DEEPSPEED_DIR = "deepspeed"
 
 
 class IncompleteCheckpointError(RuntimeError):
@@ -104,11 +107,6 @@ def order_changes(saved: Progress, now: Progress) -> list[str]:
     return changed
 
 
-def deepspeed_tag(step: int) -> str:
-    """The folder of DeepSpeed's files under deepspeed/ (one checkpoint holds one step)."""
-    return f"step_{step}"
-
-
 def rank_state_path(directory: Path, rank: int) -> Path:
     return directory / "rank_state" / f"rank_{rank}.pt"
 
@@ -154,10 +152,7 @@ def save(directory: Path, engine, optimizer: torch.optim.Optimizer, progress: Pr
     which Ray merges; or one folder all ranks share). Collective: every rank calls it at the
     same step."""
     rank = comm.get_rank()
-    tag = deepspeed_tag(progress.step)
-    average_batchnorm_statistics(engine.module)  # DeepSpeed's files below hold rank 0's
-    (directory / DEEPSPEED_DIR / tag).mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=tag, save_latest=True)
+    average_batchnorm_statistics(engine.module)  # portable.pt holds every rank's mean statistics
     rank_file = rank_state_path(directory, rank)
     rank_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(rank_file) as f:
@@ -188,11 +183,7 @@ def check_complete(directory: Path, progress: Progress) -> None:
             "upload failed; delete this directory to resume from the checkpoint before it.")
 
 
-def restore(directory: Path, engine, progress: Progress) -> None:
-    """Same world size and stage: DeepSpeed's own files and this rank's RNG, exactly."""
-    tag = deepspeed_tag(progress.step)
-    path, _ = engine.load_checkpoint(str(directory / DEEPSPEED_DIR), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
-    if path is None:
-        raise IncompleteCheckpointError(f"DeepSpeed could not load {directory / DEEPSPEED_DIR / tag}")
+def restore_rng(directory: Path) -> None:
+    """Same world size, stage and sample order: this rank's RNG, where it was (the weights
+    and moments come from portable.pt, engine/portable.py)."""
     _set_rng_state(torch.load(rank_state_path(directory, comm.get_rank()), weights_only=True))

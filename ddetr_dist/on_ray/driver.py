@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config, ConfigError, check_training_config, save_config, to_dict
+from ddetr_dist.console import RAY_QUIET_ENV, ray_train_log_level, verbose
 from ddetr_dist.engine.deepspeed_config import check_precision
 from ddetr_dist.engine.run_dir import RunDir
 
@@ -29,7 +30,9 @@ log = logging.getLogger("ddetr_dist.train")
 RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0"}
 # for a Ray started here: keep it on this machine (Ray otherwise binds the external interface);
 # not for a cluster we join, where it would refuse the other nodes
-LOCAL_RAY_ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# no preemption watcher: nothing drains a Ray on this one machine, and the watcher's actor
+# logs a core_worker error at every start (ray-project/ray#53727) that no user can act on
+LOCAL_RAY_ENV_DEFAULTS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 LOCAL_RAY_ADDRESS = "127.0.0.1"
 
 
@@ -125,7 +128,8 @@ def connect_ray(cfg: Config) -> bool:
     -> True when this process started Ray (and should stop it)."""
     address = ray_address(cfg)
     # before Ray is imported: it reads these once
-    for key, value in {**RAY_ENV_DEFAULTS, **({} if address else LOCAL_RAY_ENV_DEFAULTS)}.items():
+    quiet = {} if verbose() else RAY_QUIET_ENV
+    for key, value in {**RAY_ENV_DEFAULTS, **quiet, **({} if address else LOCAL_RAY_ENV_DEFAULTS)}.items():
         os.environ.setdefault(key, value)
     import ray
 
@@ -258,7 +262,7 @@ def build_torch_trainer(cfg: Config, run_dir: Path | RunDir, use_gpu: bool, call
     DeepSpeed loop, Ray's storage = the run directory. Tune trials build theirs here too.
     A worker error a restart would meet again ends the run at once; other failures restart
     the workers up to `ray.max_failures` times (ddetr_dist.on_ray.failures)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     from ddetr_dist.on_ray.failures import FailFastTorchTrainer
     from ddetr_dist.on_ray.worker import train_loop_per_worker, versions
@@ -272,7 +276,8 @@ def build_torch_trainer(cfg: Config, run_dir: Path | RunDir, use_gpu: bool, call
         scaling_config=scaling_config(cfg, use_gpu),
         run_config=RunConfig(name=run_dir.path.name, storage_path=str(run_dir.path.parent), callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=r.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
+                             logging_config=LoggingConfig(log_level=ray_train_log_level())),
     )
 
 

@@ -87,8 +87,10 @@ def eval_loop_per_worker(loop_config: dict) -> None:
 def run_workers(cfg: Config, weights: Path) -> dict:
     """`cfg.ray.num_workers` Ray workers evaluate `weights`; -> what rank 0 sent."""
     import ray
-    from ray.train import RunConfig
+    from ray.train import LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
+
+    from ddetr_dist.console import ray_train_log_level
 
     from ddetr_dist.on_ray.driver import check_resources, scaling_config, torch_config
 
@@ -100,7 +102,8 @@ def run_workers(cfg: Config, weights: Path) -> dict:
                                             "cwd": os.getcwd(), "sink": sink},
                          torch_config=torch_config(use_gpu), scaling_config=scaling_config(cfg, use_gpu),
                          # Ray's own run files (no checkpoints: the workers never touch it)
-                         run_config=RunConfig(name="eval", storage_path=tempfile.mkdtemp(prefix="ddetr-eval-"))))
+                         run_config=RunConfig(name="eval", storage_path=tempfile.mkdtemp(prefix="ddetr-eval-"),
+                                              logging_config=LoggingConfig(log_level=ray_train_log_level()))))
         sent = ray.get(sink.take.remote())
     finally:
         ray.kill(sink)

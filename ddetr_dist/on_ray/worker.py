@@ -138,16 +138,34 @@ def check_versions(driver: dict, workers: list[dict]) -> None:
             f"{listed}. Install every node from the same constraints.txt (tools/setup_env.sh) or the same image.")
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs each rank's every report ("Reporting training result ...: TrainingReport(
+    ...)") at INFO through a logger named by its file's path, outside `ray.train`, which
+    RunConfig's LoggingConfig leaves alone."""
+    from ddetr_dist.console import verbose
+
+    if verbose():
+        return
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from ddetr_dist.console import quiet_libraries
     from ddetr_dist.engine.loop import Trainer
     from ddetr_dist.ops.build import use_our_ninja
 
     use_our_ninja()  # before DeepSpeed JIT-builds its comm op
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    quiet_ray_train_reports()
     cfg: Config = config_from_dict(loop_config["config"])
     run_dir = RunDir(loop_config["run_dir"])
     enter_driver_directory(loop_config["cwd"])

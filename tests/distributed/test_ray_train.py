@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def test_two_workers_zero2_train_and_write_the_run_directory(tiny_data, tmp_path
     # evaluated at the end, on rank 0's gathered detections; the driver prints the table
     assert records(run_dir, "eval")[-1]["step"] == 10 and (run_dir / "eval" / "00000010" / "detections.json").exists()
     assert "AP50" in done.stdout and "tensorboard --logdir" in done.stdout
+    assert_console_reads_as_lines(done.stdout + done.stderr)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((run_dir / "final_metrics.json").read_text())["step"] == 10
     # `ddetr eval` on the run directory: its config (2 workers -> Ray) and newest checkpoint
@@ -55,6 +57,17 @@ def test_two_workers_zero2_train_and_write_the_run_directory(tiny_data, tmp_path
     manual = list((run_dir / "eval").glob("manual-*/detections.json"))
     assert len(manual) == 1
     assert json.loads(manual[0].read_text()) == json.loads((run_dir / "eval" / "00000010" / "detections.json").read_text())
+
+
+def assert_console_reads_as_lines(console: str) -> None:
+    """What a person reads (#14): a step line with its ETA, the closing `ddetr predict`
+    command; no machine records (they are in metrics.jsonl) and no Ray Train chatter."""
+    ray_prefix = re.compile(r"^(\x1b\[\d+m)?\([\w ]+pid=\d+[^)]*\)(\x1b\[0m)? ?")  # "(RayTrainWorker pid=7) "
+    lines = [ray_prefix.sub("", line).strip() for line in console.splitlines()]
+    assert not [line for line in lines if line.startswith("{")], console[-3000:]
+    assert "TrainingReport(" not in console and "Checkpoint successfully created" not in console, console[-3000:]
+    assert any(" step " in line and " ETA " in line for line in lines), console[-3000:]
+    assert any(line.startswith("ddetr predict ") and "--checkpoint" in line for line in lines), console[-3000:]
 
 
 def build_config(run_dir):

@@ -6,8 +6,7 @@ import pytest
 
 from ddetr_dist.engine.train_state import IncompleteCheckpointError, Progress, check_complete
 
-FILES = ["portable.pt", "deepspeed/step_7/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-         "deepspeed/step_7/zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank_state/rank_0.pt", "rank_state/rank_1.pt"]
+FILES = ["portable.pt", "rank_state/rank_0.pt", "rank_state/rank_1.pt"]
 
 
 def write_checkpoint(folder, files=FILES, listed=None):
@@ -29,8 +28,8 @@ def test_complete_checkpoint_passes(tmp_path):
 
 def test_a_missing_rank_file_is_named(tmp_path):
     progress = write_checkpoint(tmp_path / "ckpt")
-    (tmp_path / "ckpt" / FILES[2]).unlink()  # rank 1's ZeRO shard: its tag folder is still there
-    with pytest.raises(IncompleteCheckpointError, match=r"incomplete: .*zero_pp_rank_1_.* \(missing\).*delete this"):
+    (tmp_path / "ckpt" / FILES[2]).unlink()  # rank 1's part: its folder is still there
+    with pytest.raises(IncompleteCheckpointError, match=r"incomplete: rank_state/rank_1.pt \(missing\).*delete this"):
         check_complete(tmp_path / "ckpt", progress)
 
 
