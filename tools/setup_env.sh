@@ -23,11 +23,14 @@ constraints="$VENV/constraints.txt"
 sed "s/^torch==.*/torch==${system_torch:-$(sed -n 's/^torch==//p' constraints.txt)}/" constraints.txt > "$constraints"
 # pip's stderr without what nobody can act on, so real errors stand out: its notes about the
 # machine's local indexes that may be absent, and setuptools' banners (blocks between two
-# lines of "!!", e.g. about editable installs).
+# lines of "!!", e.g. about editable installs) with the warning line and source line around them.
 quiet_pip_notes() {
   awk '/^WARNING: Location .* is ignored/ {next}
-       /^[[:space:]]*!!$/ {banner = !banner; next}
-       !banner {print; fflush()}'
+       /BuildBackendWarning: Editable installation/ {next}
+       /^[[:space:]]*!!$/ {banner = !banner; if (!banner) source = 1; next}
+       banner {next}
+       source {source = 0; if ($0 ~ /^    /) next}
+       {print; fflush()}'
 }
 pip() {
   "$VENV/bin/python" -m pip install --quiet -c "$constraints" "$@" 2> >(quiet_pip_notes >&2)
