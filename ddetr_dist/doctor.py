@@ -134,7 +134,7 @@ def op_state(build_op: bool, have_gpus: bool, problems: list[str]) -> dict:
     state = {"requested": requested, "cuda_kernels_buildable": cuda_ok, "why_not": why_not, "folder": "",
              "kernels": "", "runs": {}}
     try:
-        folder = build.extensions_root() / build.build_spec()["name"]
+        folder = build.build_folder()
     except OSError as error:  # an installed wheel without csrc/msda
         problems.append(f"the MSDA op's sources are missing ({error}): the slow torch backend will run")
         return {**state, "state": "no sources"}

@@ -44,15 +44,12 @@ def default_out_dir(checkpoint: str, run_dir: Path | None) -> Path:
     return Path(f"eval-{Path(checkpoint).stem}-{stamp}")
 
 
-def evaluate_here(checkpoint: str, config: str | None, overrides: list[str], out_dir: Path):
-    """Collective under a process group (Ray workers); one process otherwise."""
+def evaluate_here(cfg, model, criterion, postprocess, out_dir: Path):
+    """One process: this machine's GPU, else its CPU."""
     from ddetr_dist.engine.evaluate import evaluate
-    from ddetr_dist.engine.inference import load_trained
 
-    cfg, model, criterion, postprocess, weights = load_trained(checkpoint, config, overrides, DEMO_CONFIG)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device)
-    return weights, evaluate(model, criterion, postprocess, cfg, device, out_dir)
+    return evaluate(model.to(device), criterion, postprocess, cfg, device, out_dir)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,17 +57,21 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        weights, run_dir = resolve_weights(args.checkpoint)
+        run_dir = resolve_weights(args.checkpoint)[1]
         out_dir = Path(args.out) if args.out else default_out_dir(args.checkpoint, run_dir)
-        cfg = load_trained(args.checkpoint, args.config, args.overrides, DEMO_CONFIG)[0]
+        # loaded once: the model's shape (from the checkpoint) completes the config, and one
+        # process evaluates this very model
+        cfg, model, criterion, postprocess, weights = load_trained(args.checkpoint, args.config, args.overrides,
+                                                                   DEMO_CONFIG)
         if not cfg.data.val_shards:
             raise ConfigError("config key 'data.val_shards' is empty: point it at the shards to evaluate on")
         if cfg.ray.num_workers > 1:
             from ddetr_dist.on_ray.eval_workers import evaluate_on_ray
 
+            del model  # the workers load their own
             result = evaluate_on_ray(cfg, weights, out_dir)  # the workers send back; the driver writes out_dir
         else:
-            weights, result = evaluate_here(args.checkpoint, args.config, args.overrides, out_dir)
+            result = evaluate_here(cfg, model, criterion, postprocess, out_dir)
     except (ConfigError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
         print(f"ddetr eval: {e}", file=sys.stderr)
         return 2

@@ -120,8 +120,6 @@ def predict_command(run_dir: RunDir, model_final, threshold: float | None) -> st
     data's do), else on a placeholder IMAGES/."""
     from pathlib import Path
 
-    from ddetr_dist.config import load_config
-
     images = "IMAGES/"
     try:
         shards = Path(load_config(run_dir.config).data.val_shards)

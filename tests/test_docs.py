@@ -244,11 +244,7 @@ class DocsChecker(CommandChecker):
 
     def check_command(self, env: dict[str, str], words: list[str], line: str, cwd_in_repo: bool) -> None:
         where = f"{self.where}: {line.strip()!r}"
-        for word in words:
-            path = self.repo_path(word, cwd_in_repo)
-            if path is not None:
-                assert (REPO / path).exists(), f"{where}: no {path} in the repository"
-                self.checked.repo_files.add(path)
+        self.check_repo_files(words, cwd_in_repo, where)
         program, args = Path(words[0]).name, words[1:]
         if program == "ddetr":
             self.check_ddetr(args, where, cwd_in_repo)

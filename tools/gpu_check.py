@@ -198,8 +198,7 @@ def build_op(check: Check) -> dict:
     possible, why = build.cuda_build_possible()
     if not possible:
         raise StepFailed(why)
-    spec = build.build_spec()
-    build_dir = build.extensions_root() / spec["name"]
+    build_dir = build.build_folder()
     cached = any(build_dir.glob("*.so"))
     nvcc = command_output([str(Path(CUDA_HOME) / "bin" / "nvcc"), "--version"])
     print(f"building the MSDA op for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} in {build_dir}"

@@ -117,9 +117,9 @@ def versions() -> dict:
 def worker_info() -> dict:
     import ray
 
-    ctx = ray.get_runtime_context()
     import ddetr_dist
 
+    ctx = ray.get_runtime_context()
     # "package": where this worker's code came from (an installed copy, or a job's working_dir)
     return {"rank": comm.get_rank(), "pid": os.getpid(), "host": socket.gethostname(),
             "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "versions": versions(),

@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
           + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
           + f"; median of {args.repeats} after {args.warmup} warmup")
     if any(b != "torch" for b, _ in pairs):
-        print(f"extension: {build.extensions_root() / build.build_spec()['name']}")
+        print(f"extension: {build.build_folder()}")
     header = (f"{'shape':<22}{'device':<7}{'dtype':<10}{'backend':<8}{'fwd ms':>10}{'fwd+bwd ms':>12}"
               f"{'fwd x':>8}{'f+b x':>8}{'fwd GB/s':>10}{'f+b GB/s':>10}")
     print(header)

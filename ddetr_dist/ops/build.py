@@ -124,6 +124,11 @@ def build_spec() -> dict:
     return spec
 
 
+def build_folder(spec: dict | None = None) -> Path:
+    """Where this machine's build of the op lives (or will): one folder per cache key."""
+    return extensions_root() / (spec or build_spec())["name"]
+
+
 def stage_sources(build_dir: Path) -> Path:
     """Copy csrc/msda into the build folder and build from there: ninja keys its work by the
     source paths, so building from each checkout's own csrc (or each upload of a Ray job's
@@ -170,7 +175,7 @@ def _build_and_load(verbose: bool) -> ModuleType:
     build_dir = extensions_root()
     try:
         spec = build_spec()
-        build_dir = build_dir / spec["name"]
+        build_dir = build_folder(spec)
         first_time = not any(build_dir.glob("*.so"))
         if first_time:
             logger.info("building the MSDA extension in %s (about a minute, once per node)", build_dir)

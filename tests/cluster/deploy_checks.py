@@ -126,16 +126,20 @@ class CommandChecker:
             return None
         return Path(rel)
 
+    def check_repo_files(self, words: list[str], cwd_in_repo: bool, where: str) -> None:
+        """Every word that names a file of the repository names one that exists."""
+        for word in words:
+            path = self.repo_path(word, cwd_in_repo)
+            if path is not None:
+                assert (REPO / path).exists(), f"{word!r} in {where}: no {path} in the repository"
+                self.checked.repo_files.add(path)
+
     def check(self, text: str, cwd_in_repo: bool = False) -> Checked:
         """Check every simple command of the shell text `text`, run in the checkout when
         `cwd_in_repo` (else somewhere unknown until a `cd`); raise AssertionError (or the
         config's ConfigError) naming what does not exist."""
         for words in simple_commands(text):
-            for word in words:
-                path = self.repo_path(word, cwd_in_repo)
-                if path is not None:
-                    assert (REPO / path).exists(), f"{word!r} in {text!r}: no {path} in the repository"
-                    self.checked.repo_files.add(path)
+            self.check_repo_files(words, cwd_in_repo, repr(text))
             program, args = Path(words[0]).name, words[1:]
             if program == "cd":
                 cwd_in_repo = bool(args) and self.repo_path(args[0], True) == Path(".")

@@ -51,10 +51,11 @@ class RayCluster:
         # Ray >= 2.52 guards a cluster on a routable address with a token that every node and
         # client must present: this cluster's own, not whatever ~/.ray/auth_token holds
         self.token = secrets.token_hex(16)
-        base = {k: v for k, v in os.environ.items() if k not in NOT_FOR_NODES}
+        # this machine's environment without any Ray cluster's address or auth settings
+        self.base_env = {k: v for k, v in os.environ.items() if k not in NOT_FOR_NODES}
         # what a node's image and start command set: the mode and the token, and the head by
         # name (for the job drivers and Ray Train's helpers that run there)
-        self.node_env = {**base, **NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+        self.node_env = {**self.base_env, **NODE_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                          "RAY_ADDRESS": f"{self.head.name}:{GCS_PORT}"}
         self.client_home = workdir / "client-home"
         self.processes: list[subprocess.Popen] = []
@@ -64,9 +65,8 @@ class RayCluster:
         ~/.ray/auth_token, RAY_ADDRESS the job server; nothing else of the cluster's."""
         (self.client_home / ".ray").mkdir(parents=True, exist_ok=True)
         (self.client_home / ".ray" / "auth_token").write_text(self.token + "\n")
-        base = {k: v for k, v in os.environ.items() if k not in NOT_FOR_NODES}
         # and `ray` on PATH: this venv, activated
-        return {**base, "HOME": str(self.client_home), "RAY_ADDRESS": self.dashboard_url,
+        return {**self.base_env, "HOME": str(self.client_home), "RAY_ADDRESS": self.dashboard_url,
                 "PATH": f"{VENV / 'bin'}:{os.environ.get('PATH', '')}", **extra}
 
     def node_argv(self, index: int, argv: list[str]) -> list[str]:

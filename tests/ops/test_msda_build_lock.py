@@ -77,7 +77,7 @@ def test_a_killed_builder_does_not_block_the_next(tmp_path):
 
 def test_processes_starting_together_all_get_a_working_op():
     build.get_extension()  # build (once per machine) before the race; the racers load it
-    build_dir = build.extensions_root() / build.build_spec()["name"]
+    build_dir = build.build_folder()
     with build_lock.node_lock(build_dir / build_lock.OUR_LOCK, "test"):
         (build_dir / build.TORCH_LOCK).touch()  # as if a build had been killed mid-way
     racer = """
