@@ -4,6 +4,7 @@ noisy: compare within a run, never against typed-in numbers).
   ddetr bench msda [options]   the attention op: every backend against the torch reference
   ddetr bench data [options]   the loader: shards through decode + transforms vs. loose files
   ddetr bench train [options]  training: plain PyTorch vs. the DeepSpeed engine vs. Ray + DeepSpeed
+  ddetr bench onnx [options]   inference: onnxruntime running the exported model vs. PyTorch eager
 
 `ddetr bench TARGET --help` lists a target's options.
 """
@@ -13,7 +14,8 @@ import argparse
 import importlib
 
 # Imported only when chosen: one target's dependencies never break another's.
-TARGETS = {"msda": "ddetr_dist.ops.bench", "data": "ddetr_dist.data.bench", "train": "ddetr_dist.on_ray.bench"}
+TARGETS = {"msda": "ddetr_dist.ops.bench", "data": "ddetr_dist.data.bench", "train": "ddetr_dist.on_ray.bench",
+           "onnx": "ddetr_dist.engine.onnx_bench"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("ddetr_dist.data.demo", "generate the built-in demo detection dataset (COCO json + jpgs + shards)"),
     "shard": ("ddetr_dist.data.shard", "write COCO images + annotations as webdataset tar shards"),
     "bench": ("ddetr_dist.bench", "benchmarks: msda (the attention op), data (the loader), train (the train loop)"),
+    "export": ("ddetr_dist.export", "export a trained model to ONNX (dynamic batch and image size), checked with onnxruntime"),
     "convert-checkpoint": ("ddetr_dist.models.convert", "convert between official and ddetr_dist checkpoints"),
     "doctor": ("ddetr_dist.doctor", "report versions, GPUs, the op's build, the Ray cluster and output_dir (for bug reports)"),
 }

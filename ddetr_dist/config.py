@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -24,6 +25,9 @@ from ddetr_dist.atomic import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout (or the job's working_dir)
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"  # what the commands use without --config
+AUTO = "auto"  # model.num_classes: from the train data
+COCO_NUM_CLASSES = 91  # the official model's: COCO's category ids go up to 90
+log = logging.getLogger("ddetr_dist.config")
 
 
 class ConfigError(ValueError):
@@ -32,7 +36,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The detector (defaults: the official Deformable DETR, ResNet-50, 91 COCO classes)."""
+    """The detector (defaults: the official Deformable DETR, ResNet-50; the number of classes
+    from the train data)."""
 
     backbone_depth: int = 50  # ResNet depth: 18, 34, 50 or 101
     dilation: bool = False  # dilate the last ResNet stage (DC5)
@@ -51,7 +56,9 @@ class ModelConfig:
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_queries: int = 300
-    num_classes: int = 91  # COCO's sparse category ids are labels: max id + 1
+    # category ids are the labels (COCO's are sparse): max id + 1 (91 for COCO). 'auto' = that
+    # number from the train manifest, resolved by `ddetr train` and written to the run's config.yaml
+    num_classes: Union[int, Literal["auto"]] = AUTO
     aux_loss: bool = True
     with_box_refine: bool = False
     two_stage: bool = False
@@ -59,6 +66,11 @@ class ModelConfig:
     activation_checkpointing: bool = False  # recompute encoder/decoder layers in backward
     msda_backend: Optional[str] = None  # None = automatic; 'cuda', 'cpu' or 'torch'
     backbone_weights: str = ""  # torchvision ResNet checkpoint (.pth) to start from; '' = random init
+    # fine-tuning: a new run starts from these weights (a released {'model': state_dict} .pth, a
+    # model_final.pth, a run directory: its newest checkpoint, or one checkpoint folder); class
+    # heads of another number of classes are re-initialised, anything else must fit. Not needed
+    # nor read: backbone_weights. A resumed run (same name) takes its own checkpoint instead
+    init_checkpoint: str = ""
 
 
 @dataclass
@@ -351,18 +363,38 @@ def check_training_config(cfg: Config) -> None:
     need(bool(d.train_shards), "data.train_shards", "is empty: point it at the training shards "
          "(a directory with manifest.json, a brace pattern or a URL; `ddetr shard` writes them)")
     # Frozen BatchNorm and frozen stages keep ImageNet statistics and filters while fine-tuning
-    # them; without those weights they would keep a random stem and identity normalisation
+    # them; without those weights they would keep a random stem and identity normalisation.
+    # An init_checkpoint brings its own backbone (backbone_weights would be overwritten)
     m = cfg.model
     frozen = []
     if m.backbone_norm == "frozen_bn":
         frozen.append(f"model.backbone_norm={m.backbone_norm}")
     if m.backbone_frozen_stages > 0:
         frozen.append(f"model.backbone_frozen_stages={m.backbone_frozen_stages}")
-    need(bool(m.backbone_weights) or not frozen, "model.backbone_weights",
+    need(bool(m.backbone_weights or m.init_checkpoint) or not frozen, "model.backbone_weights",
          f"is empty (a random backbone), but {' and '.join(frozen)} would keep parts of it as initialised: frozen "
          "BatchNorm and frozen stages are for fine-tuning ImageNet weights. Give them (a torchvision ResNet .pth, "
          "e.g. https://download.pytorch.org/models/resnet50-0676ba61.pth), or train the backbone from scratch: "
-         "model.backbone_norm=bn model.backbone_frozen_stages=0")
+         "model.backbone_norm=bn model.backbone_frozen_stages=0 (or fine-tune a whole detector: "
+         "model.init_checkpoint=)")
+
+
+def with_num_classes(cfg: Config, needed: int, where: str = "the train manifest") -> Config:
+    """`cfg` with model.num_classes fitted to data whose labels need `needed` classes (max
+    category id + 1): 'auto' becomes `needed`; fewer fail (a label past the heads would end
+    the run at its first batch); far more only warn (the extra heads never see a positive:
+    compute spent on nothing, e.g. a 91-class COCO config fine-tuned on 3 classes)."""
+    value = cfg.model.num_classes
+    if value == AUTO:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=needed))
+    if value < needed:
+        raise ConfigError(f"config key 'model.num_classes' = {value}, but {where}'s category ids go up to "
+                          f"{needed - 1}: needs at least {needed}; set model.num_classes=auto")
+    if value > 2 * needed and value > needed + 10:
+        log.warning("config key 'model.num_classes' = %d, but %s's category ids go up to %d: %d class outputs "
+                    "never see an example; model.num_classes=auto makes it %d", value, where, needed - 1,
+                    value - needed, needed)
+    return cfg
 
 
 def config_from_dict(values: dict) -> Config:

@@ -1,6 +1,7 @@
 """Detect objects in images with a trained model.
 
   ddetr predict IMAGE_OR_DIR... --checkpoint PATH [--threshold 0.5] [--out DIR] [--config FILE] [section.key=value ...]
+  ddetr predict IMAGE_OR_DIR... --onnx MODEL.onnx [the same options]
 
 For every image (a directory means every image file in it): `<out>/<name>.json` with the
 detections above --threshold (boxes [x0, y0, x1, y1] in the image's pixels, class names
@@ -10,13 +11,19 @@ upright first. An unreadable file is reported by name and the others are still p
 the exit code is 1 if any file failed. Config overrides are positional `section.key=value`
 items, as for the other commands; an image whose name looks like one is given as ./NAME.
 
+--onnx runs a `ddetr export` file with onnxruntime instead of PyTorch (pip install
+'ddetr_dist[export]'), with the same pre- and post-processing; the file carries its val
+transform and category names (--config and overrides still apply).
+
 examples:
   ddetr predict photos/ --checkpoint runs/demo-20261125-101500/model_final.pth --out predictions
   ddetr predict a.jpg b.png --checkpoint runs/demo-20261125-101500 data.val_scale=640
+  ddetr predict photos/ --onnx demo.onnx --threshold 0.3
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -34,13 +41,16 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # one positional list: its section.key=value items are overrides (is_override), the rest images
-    parser.usage = "%(prog)s IMAGE_OR_DIR... --checkpoint PATH [options] [section.key=value ...]"
+    parser.usage = "%(prog)s IMAGE_OR_DIR... (--checkpoint PATH | --onnx FILE) [options] [section.key=value ...]"
     parser.add_argument("items", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files or directories of images, and section.key=value config overrides")
-    parser.add_argument("--checkpoint", required=True, help="official .pth, model_final.pth, run or checkpoint dir")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="official .pth, model_final.pth, run or checkpoint dir")
+    model.add_argument("--onnx", help="a model written by `ddetr export`, run with onnxruntime")
     parser.add_argument("--threshold", type=float, default=0.5, help="keep detections scoring at least this")
     parser.add_argument("--out", default="predictions", help="output directory (default: %(default)s)")
-    parser.add_argument("--config", default=None, help="YAML config (default: the run's, else the demo's)")
+    parser.add_argument("--config", default=None,
+                        help="YAML config (default: the run's, else the demo's; with --onnx: the file's)")
     parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)  # deprecated
 
 
@@ -69,18 +79,6 @@ def read_image(path: Path) -> Image.Image:
         return upright.convert("RGB")
 
 
-def category_names(cfg) -> dict[int, str]:
-    from ddetr_dist.data import load_shard_set
-
-    for spec, manifest in ((cfg.data.val_shards, cfg.data.val_manifest), (cfg.data.train_shards, cfg.data.train_manifest)):
-        if spec:
-            try:
-                return {c["id"]: c["name"] for c in load_shard_set(spec, cfg.data.allow_pipe_urls, manifest).categories}
-            except (FileNotFoundError, ValueError):
-                continue
-    return {}
-
-
 @torch.no_grad()
 def predict_one(path: Path, model, postprocess, transform, threshold: float, names: dict) -> tuple[dict, Image.Image]:
     from ddetr_dist.data import collate
@@ -101,9 +99,26 @@ def predict_one(path: Path, model, postprocess, transform, threshold: float, nam
     return record, draw_boxes(image, detections, names)
 
 
+def load_detector(args: argparse.Namespace, overrides: list[str]):
+    """-> (cfg, model, postprocess, category names, where the weights came from): the PyTorch
+    model of --checkpoint, or onnxruntime running --onnx (called alike)."""
+    from ddetr_dist.config import load_config, parse_override, read_into
+    from ddetr_dist.engine.inference import category_names, load_trained
+    from ddetr_dist.models.postprocess import PostProcess
+
+    if args.checkpoint is not None:
+        cfg, model, _, postprocess, weights = load_trained(args.checkpoint, args.config, overrides, DEMO_CONFIG)
+        return cfg, model, postprocess, category_names(cfg), weights
+    from ddetr_dist.engine.onnx_runtime import OnnxDetector
+
+    model = OnnxDetector(args.onnx)
+    cfg = load_config(args.config) if args.config else model.config() or load_config(DEMO_CONFIG)
+    cfg = functools.reduce(lambda c, text: read_into(c, parse_override(text)), overrides, cfg)
+    return cfg, model, PostProcess(), model.category_names() or category_names(cfg), model.path
+
+
 def run(args: argparse.Namespace) -> int:
     from ddetr_dist.data import build_val_transform
-    from ddetr_dist.engine.inference import load_trained
 
     if args.override:
         print("ddetr predict: --override is deprecated: give overrides as section.key=value, as the other commands "
@@ -115,12 +130,12 @@ def run(args: argparse.Namespace) -> int:
               "one: ./NAME)", file=sys.stderr)
         return 2
     try:
-        cfg, model, _, postprocess, weights = load_trained(args.checkpoint, args.config, overrides, DEMO_CONFIG)
-    except (ConfigError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
+        cfg, model, postprocess, names, weights = load_detector(args, overrides)
+    except (ConfigError, CheckpointMismatchError, FileNotFoundError, ValueError, ImportError) as e:
         hint = " (an image named like an override: ./NAME)" if str(e).startswith("unknown config key") else ""
         print(f"ddetr predict: {e}{hint}", file=sys.stderr)
         return 2
-    names, transform = category_names(cfg), build_val_transform(cfg.data)
+    transform = build_val_transform(cfg.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = []

@@ -10,7 +10,8 @@ deepspeed_config.json, metrics.jsonl, Ray's checkpoints and, at the end, model_f
 finished run given a larger train.max_steps or optim.epochs); a new name starts fresh.
 
 config sections (every key: ddetr_dist/config.py; files: configs/):
-  model  the detector (backbone_depth, hidden_dim, layers, queries, with_box_refine, two_stage)
+  model  the detector (backbone_depth, hidden_dim, layers, queries, with_box_refine, two_stage,
+         num_classes: auto = from the train data, init_checkpoint: fine-tune a trained detector)
   loss   matcher costs and loss weights
   data   shards (train_shards, val_shards), batch_size per worker, loader num_workers, scales
   optim  lr, lr_backbone, lr_linear_proj_mult, weight_decay, epochs, lr_drop, clip_max_norm, warmup_steps
@@ -23,6 +24,7 @@ examples:
   ddetr train                                              # the demo, 2 workers on this machine
   ddetr train --config configs/base.yaml name=r50 ray.num_workers=8 train.precision=bf16
   ddetr train --config configs/demo.yaml train.zero_stage=2 train.max_steps=200
+  ddetr train --config configs/finetune.yaml model.init_checkpoint=r50_deformable_detr-checkpoint.pth  # docs/finetuning.md
   RAY_ADDRESS=ray://head:10001 ddetr train --config configs/box_refine.yaml   # an existing cluster
   ray job submit --working-dir . -- ddetr train --config configs/base.yaml    # as a Ray job
 """

@@ -15,7 +15,7 @@ LAYERS = [
     {"models"},  # the detector, its loss and checkpoints
     {"engine"},  # the per-worker loop: DeepSpeed, checkpoints, evaluation; no Ray
     {"on_ray"},  # the driver, the Ray Train worker entry, multi-worker eval, Tune
-    {"train", "tune", "eval", "predict", "bench", "doctor"},  # the commands
+    {"train", "tune", "eval", "predict", "export", "bench", "doctor"},  # the commands
     {"cli"},  # `ddetr`, which dispatches to the commands
 ]
 LEVEL = {part: i for i, layer in enumerate(LAYERS) for part in layer}

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from ddetr_dist.data.shard import shard_pattern, write_shards
 
-CATEGORIES = [  # (id, name, colour); ids used as labels: num_classes = 7
+CATEGORIES = [  # (id, name, colour); ids used as labels: model.num_classes=auto gives 7
     (1, "circle", (220, 50, 50)),
     (2, "square", (50, 180, 60)),
     (3, "triangle", (60, 90, 230)),
@@ -200,5 +200,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo data in {args.out} ({time.perf_counter() - start:.1f} s). Train on it with:")
     # a shard directory stands for every shard its manifest lists
     overrides = [f"data.{split}_shards={Path(args.out) / split / 'shards'}" for split in patterns]
-    print("  " + " ".join(overrides + [f"model.num_classes={max(c[0] for c in CATEGORIES) + 1}"]))
+    print("  " + " ".join(overrides))  # model.num_classes=auto (the default) reads the manifest
     return 0

@@ -212,5 +212,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"{manifest['num_samples']} images ({manifest['num_images_without_annotations']} without annotations) "
           f"in {len(manifest['shards'])} shards in {args.out}; {len(manifest['categories'])} categories, "
-          f"use model.num_classes={manifest['num_classes']} (max category id + 1)")
+          f"{manifest['num_classes']} classes (max category id + 1): `ddetr train` sizes the model to them "
+          "(model.num_classes=auto, the default)")
     return 0

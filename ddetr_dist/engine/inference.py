@@ -64,3 +64,16 @@ def load_trained(checkpoint: str | Path, config: str | None, overrides: list[str
         raise ConfigError(str(e)) from None
     load_official_checkpoint(weights, model)
     return cfg, model.eval(), criterion, postprocess, weights
+
+
+def category_names(cfg: Config) -> dict[int, str]:
+    """{category id: name} from the manifest of the config's val (else train) shards; {} if none reads."""
+    from ddetr_dist.data import load_shard_set
+
+    for spec, manifest in ((cfg.data.val_shards, cfg.data.val_manifest), (cfg.data.train_shards, cfg.data.train_manifest)):
+        if spec:
+            try:
+                return {c["id"]: c["name"] for c in load_shard_set(spec, cfg.data.allow_pipe_urls, manifest).categories}
+            except (FileNotFoundError, ValueError):
+                continue
+    return {}

@@ -3,12 +3,12 @@ of the train shards, checkpoints through a `Checkpointer` (Ray's, or a folder of
 directory without Ray), and metrics through `MetricsLog`.
 
 It knows nothing of Ray: `ddetr_dist.on_ray.worker` runs it inside a Ray Train worker, the
-benchmark in one plain process. Read `fit` top to bottom; each job it hands off has its own
-file in engine/: step.py (one optimizer step: `train.grad_accum` batches through DeepSpeed,
-non-finite numbers in it), bad_steps.py (what a skipped step means for the run),
-metrics_window.py (the numbers of the log lines), checkpoint_policy.py (when to save),
-train_state.py and resume.py (what a checkpoint holds, where a resume continues),
-eval_hook.py, final_outputs.py (model_final.pth), run_dir.py (every path of the run).
+benchmark in one plain process. Read `fit` top to bottom; each job it hands off has its own file
+in engine/: step.py (one optimizer step: `train.grad_accum` batches through DeepSpeed,
+non-finite numbers in it), bad_steps.py (what a skipped step means), metrics_window.py (the
+numbers of the log lines), checkpoint_policy.py (when to save), train_state.py and resume.py
+(what a checkpoint holds, where a resume continues), init_weights.py (fine-tuning's start),
+eval_hook.py, final_outputs.py (model_final.pth), run_dir.py (the run's paths).
 
 Run-level decisions that precede a collective (resume from which checkpoint and how,
 evaluate or not, save or not) are taken on rank 0 and broadcast: ranks reading files on
@@ -36,6 +36,7 @@ from ddetr_dist.engine.deepspeed_config import bind_deepspeed_to, deepspeed_conf
 from ddetr_dist.engine.eval_hook import EvalHook
 from ddetr_dist.engine.faults import InjectedFaults
 from ddetr_dist.engine.final_outputs import write_final_metrics, write_final_model
+from ddetr_dist.engine.init_weights import load_init_checkpoint, with_classes_of_data
 from ddetr_dist.engine.metrics import MetricsLog
 from ddetr_dist.engine.metrics_window import MetricsWindow
 from ddetr_dist.engine.optim import build_optimizer, set_learning_rates
@@ -95,7 +96,7 @@ class Trainer:
 
     def _build_model_and_loader(self) -> torch.nn.Module:
         """The detector (the same weights on every rank) and this rank's train loader."""
-        cfg = self.cfg
+        cfg = self.cfg = with_classes_of_data(self.cfg)  # 'auto' when run without the driver
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model, self.criterion, self.postprocess = build_model(cfg)
         # from here on each rank draws its own numbers (dropout masks): seed + rank, as the
@@ -117,6 +118,7 @@ class Trainer:
         saved, changed = comm.decided_by_rank_0(lambda: plan_resume(resume_dir, self.progress))
         # every resume starts from the checkpoint's one (world-size-free) copy of the weights
         portable = load_portable_model(resume_dir, model) if saved is not None else None
+        load_init_checkpoint(cfg, model, resuming=saved is not None, metrics=self.metrics)  # fine-tuning
         model.to(self.device)
         self.optimizer = build_optimizer(model, cfg.optim, cfg.model)
         with without_library_prints():

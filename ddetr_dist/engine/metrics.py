@@ -91,6 +91,11 @@ def console_line(record: dict) -> str | None:
     if event == "resume":
         changed = f" (changed: {record['changed']})" if record.get("changed") else ""
         return f"resumed at step {record['step']} (epoch {record['epoch']}) from {record['from']}{changed}"
+    if event == "init_checkpoint":
+        heads = record["reinitialised"]  # all of them in metrics.jsonl
+        more = f" and {len(heads) - 4} more" if len(heads) > 4 else ""
+        fresh = f"; class heads re-initialised (another number of classes): {', '.join(heads[:4])}{more}" if heads else ""
+        return f"weights from {record['from']} (model.init_checkpoint){fresh}"
     return None
 
 

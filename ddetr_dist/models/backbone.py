@@ -3,7 +3,6 @@ frozen stem and layer1, `backbone.1` the position encoding; the pair is the Join
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .position_encoding import PositionEmbeddingSine
@@ -14,9 +13,21 @@ NORMS = ("frozen_bn", "bn")
 STAGES = (("conv1.", "bn1."), ("layer1.",), ("layer2.",), ("layer3.",), ("layer4.",))
 
 
+def nearest_indexes(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """The source row (column) of each of `out_size` rows under nearest resizing: torch's own
+    arithmetic (float32 scale in/out, floor), written out so that an exported graph computes
+    it too (ONNX Resize rounds otherwise, and moves a padded map's edge by a pixel)."""
+    scale = torch.full((), in_size, dtype=torch.float32, device=device) / out_size
+    index = (torch.arange(out_size, dtype=torch.float32, device=device) * scale).floor().long()
+    return index.clamp(max=in_size - 1)
+
+
 def downsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Padding mask [B,H,W] at a feature map's size (nearest, as the official code)."""
-    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+    """Padding mask [B,H,W] at a feature map's size: nearest, as the official code's
+    F.interpolate(mask[None].float(), size) (the same pixels, to the bit)."""
+    rows = nearest_indexes(mask.shape[1], size[0], mask.device)
+    cols = nearest_indexes(mask.shape[2], size[1], mask.device)
+    return mask[:, rows][:, :, cols]
 
 
 class Backbone(nn.Module):

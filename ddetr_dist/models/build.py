@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ddetr_dist.config import Config, LossConfig, ModelConfig
+from ddetr_dist.config import AUTO, COCO_NUM_CLASSES, Config, LossConfig, ModelConfig
 
 from .backbone import Backbone, Joiner
 from .checkpoint import load_backbone_weights
@@ -46,6 +46,9 @@ def check_model_config(cfg: ModelConfig) -> None:
                          f"got {cfg.hidden_dim}")
     if cfg.hidden_dim % cfg.nheads != 0:
         raise ValueError(f"model.hidden_dim ({cfg.hidden_dim}) must be divisible by model.nheads ({cfg.nheads})")
+    if cfg.num_classes == AUTO:
+        raise ValueError("model.num_classes is 'auto': `ddetr train` resolves it from the train data (max category "
+                         "id + 1); give a number when building a model by hand (e.g. model.num_classes=91 for COCO)")
     for key in ("enc_layers", "dec_layers", "enc_n_points", "dec_n_points", "num_queries", "num_classes",
                 "num_feature_levels", "dim_feedforward"):
         if getattr(cfg, key) < 1:
@@ -54,12 +57,12 @@ def check_model_config(cfg: ModelConfig) -> None:
 
 def build_model(cfg: Config | ModelConfig | None = None, variant: str | None = None):
     """-> (DeformableDETR, SetCriterion, PostProcess). `cfg` defaults to the official
-    settings; `variant` ('base', 'box_refine', 'two_stage', 'single_scale') sets box
-    refinement, two-stage and the number of levels on top of it."""
+    settings (COCO's 91 classes); `variant` ('base', 'box_refine', 'two_stage',
+    'single_scale') sets box refinement, two-stage and the number of levels on top of it."""
     if isinstance(cfg, Config):
         model_cfg, loss_cfg = cfg.model, cfg.loss
     elif isinstance(cfg, ModelConfig) or cfg is None:
-        model_cfg, loss_cfg = cfg or ModelConfig(), LossConfig()
+        model_cfg, loss_cfg = cfg or ModelConfig(num_classes=COCO_NUM_CLASSES), LossConfig()
     else:
         raise TypeError(f"build_model: cfg must be a Config, ModelConfig or None, got {type(cfg).__name__}")
     m = apply_variant(model_cfg, variant)
@@ -77,7 +80,7 @@ def build_model(cfg: Config | ModelConfig | None = None, variant: str | None = N
     model = DeformableDETR(backbone, transformer, num_classes=m.num_classes, num_queries=m.num_queries,
                            num_feature_levels=m.num_feature_levels, aux_loss=m.aux_loss,
                            with_box_refine=m.with_box_refine, two_stage=m.two_stage)
-    if m.backbone_weights:
+    if m.backbone_weights and not m.init_checkpoint:  # the init checkpoint's backbone would replace them
         load_backbone_weights(m.backbone_weights, model)
 
     matcher = HungarianMatcher(loss_cfg.set_cost_class, loss_cfg.set_cost_bbox, loss_cfg.set_cost_giou,

@@ -94,24 +94,42 @@ def require_match(where: str, expected: dict, found: dict, hint: str = MODEL_HIN
         raise mismatch_error(where, expected, found, diff, hint)
 
 
+def without_batchnorm_counters(sd: dict) -> dict:
+    """BatchNorm's num_batches_tracked is a counter, not a weight: frozen BatchNorm has none,
+    so a checkpoint trained with trainable BatchNorm still fits a frozen one and back."""
+    return {k: v for k, v in sd.items() if not k.endswith(".num_batches_tracked")}
+
+
+def class_heads_to_reinitialise(where: str, own: dict, sd: dict) -> list[str]:
+    """How checkpoint state dict `sd` fits a model's `own` (shapes only: `own` may be a
+    meta-device model's): -> [] when it loads as is, the keys of every class head when only
+    their number of classes differs (fine-tuning on other classes); anything else raises
+    CheckpointMismatchError naming the tensors."""
+    own, sd = without_batchnorm_counters(own), without_batchnorm_counters(sd)
+    diff = compare_state_dicts(own, sd)
+    if not any(diff):
+        return []
+    if diff.misshaped and not diff.missing and not diff.unexpected and all(map(CLASS_HEAD_KEY.match, diff.misshaped)):
+        return [k for k in own if CLASS_HEAD_KEY.match(k)]
+    raise mismatch_error(where, own, sd, diff, MODEL_HINT)
+
+
 def load_official_checkpoint(path: str | Path, model: nn.Module) -> list[str]:
     """Load a released checkpoint (or ours) into `model`, strictly. If only the class heads
     differ in shape (fine-tuning with another number of classes), they are re-initialised
     instead and their keys returned (and logged); otherwise the return is []."""
     sd = model_state_dict(read_checkpoint(path), path)
     own = model.state_dict()
-    diff = compare_state_dicts(own, sd)
-    reinitialised: list[str] = []
-    if diff.misshaped and not diff.missing and not diff.unexpected and all(map(CLASS_HEAD_KEY.match, diff.misshaped)):
-        ckpt_classes, model_classes = sd[diff.misshaped[0]].shape[0], own[diff.misshaped[0]].shape[0]
-        reinitialised = [k for k in own if CLASS_HEAD_KEY.match(k)]
+    reinitialised = class_heads_to_reinitialise(f"checkpoint {path}", own, sd)
+    if reinitialised:
+        ckpt_classes, model_classes = sd[reinitialised[0]].shape[0], own[reinitialised[0]].shape[0]
         model.reset_class_heads()
         fresh = model.state_dict()
         sd = {**sd, **{k: fresh[k] for k in reinitialised}}
         log.warning("checkpoint %s has %d classes, the model %d: the class heads (class_embed.*) are "
                     "re-initialised, everything else is loaded", path, ckpt_classes, model_classes)
-    elif any(diff):
-        raise mismatch_error(f"checkpoint {path}", own, sd, diff, MODEL_HINT)
+    # the model's own counters where the checkpoint has none (frozen BatchNorm's checkpoint)
+    sd = {**{k: v for k, v in own.items() if k.endswith(".num_batches_tracked")}, **sd}
     model.load_state_dict(sd, strict=True)
     return reinitialised
 

@@ -58,8 +58,9 @@ def model_config_of(ckpt: dict, sd: dict, base: ModelConfig | None = None) -> Mo
                                                              for k, v in meta["config"].items() if k in known})
     else:
         cfg = infer_model_config(sd, base)
-    # the weights are in the file: rebuilding the model must not need the ImageNet backbone
-    return dataclasses.replace(cfg, backbone_weights="")
+    # the weights are in the file: rebuilding the model needs neither the ImageNet backbone nor
+    # the checkpoint its run started from
+    return dataclasses.replace(cfg, backbone_weights="", init_checkpoint="")
 
 
 def convert(src: str | Path, dst: str | Path, to: str | None = None, base: ModelConfig | None = None) -> str:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ddetr_dist.ops import MSDeformAttn
+from ddetr_dist.ops.levels import level_shapes, level_starts
 
 from .decoder import DeformableTransformerDecoder, DeformableTransformerDecoderLayer
 from .encoder import DeformableTransformerEncoder, DeformableTransformerEncoderLayer
@@ -78,12 +79,13 @@ class DeformableTransformer(nn.Module):
         n, _, _ = memory.shape
         proposals = []
         start = 0
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
             mask_flatten_ = memory_padding_mask[:, start:start + h * w].view(n, h, w, 1)
             valid_h = torch.sum(~mask_flatten_[:, :, 0, 0], 1)
             valid_w = torch.sum(~mask_flatten_[:, 0, :, 0], 1)
-            grid_y, grid_x = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                                            torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+            # arange: the official linspace(0, h - 1, h) to the bit, exportable (encoder.py)
+            grid_y, grid_x = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=memory.device),
+                                            torch.arange(w, dtype=torch.float32, device=memory.device),
                                             indexing="ij")
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
             scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(n, 1, 1, 2)
@@ -118,8 +120,13 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)
         mask_flatten = torch.cat(mask_flatten, 1)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-        spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=src_flatten.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        if torch.compiler.is_exporting():
+            # the levels' sizes as expressions of the input's height and width (ops/levels.py)
+            spatial_shapes = [(h, w) for h, w in spatial_shapes]
+            level_start_index = level_starts(spatial_shapes)
+        else:
+            spatial_shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=src_flatten.device)
+            level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1)
 
         memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios,
@@ -132,7 +139,8 @@ class DeformableTransformer(nn.Module):
             # the extra (last) class/box heads score and refine every token's proposal
             enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
             enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
-            if output_proposals.shape[1] < self.two_stage_num_proposals:
+            # (an exported graph keeps no Python check: there the top-k below fails instead)
+            if not torch.compiler.is_exporting() and output_proposals.shape[1] < self.two_stage_num_proposals:
                 raise ValueError(f"two-stage: the image gives {output_proposals.shape[1]} encoder tokens, fewer than "
                                  f"the {self.two_stage_num_proposals} proposals (model.num_queries) to choose; "
                                  "use larger images or fewer queries")

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ddetr_dist.ops import MSDeformAttn
+from ddetr_dist.ops.levels import SpatialShapes, level_shapes
 
 
 def clone_layers(layer: nn.Module, n: int) -> nn.ModuleList:
@@ -51,14 +52,16 @@ class DeformableTransformerEncoder(nn.Module):
         self.activation_checkpointing = activation_checkpointing
 
     @staticmethod
-    def get_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor,
+    def get_reference_points(spatial_shapes: SpatialShapes, valid_ratios: torch.Tensor,
                              device: torch.device) -> torch.Tensor:
         """The centre of every pixel of every level, normalised by the valid part of its own
         level and then mapped onto every level: [B, S, L, 2] (x, y) in padded-map units."""
         reference_points_list = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-            ref_y, ref_x = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                                          torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
+            # arange + 0.5 is the official linspace(0.5, h - 0.5, h) to the bit, and stays an
+            # expression of h in an exported graph (linspace's step count does not)
+            ref_y, ref_x = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                                          torch.arange(w, dtype=torch.float32, device=device) + 0.5,
                                           indexing="ij")
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)

@@ -17,8 +17,13 @@ class PostProcess(nn.Module):
         """target_sizes [B,2] (h, w) of each original image -> per image {'scores' [K],
         'labels' [K], 'boxes' [K,4] absolute xyxy}, K = min(100, Q*C), best first.
         A query may appear with several classes: classes are scored independently (sigmoid)."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        if target_sizes.shape != (logits.shape[0], 2):
+        scores, labels, boxes = self.batched(outputs["pred_logits"], outputs["pred_boxes"], target_sizes)
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+    def batched(self, logits: torch.Tensor, boxes: torch.Tensor, target_sizes: torch.Tensor):
+        """The same as whole tensors (what an exported graph outputs): scores [B,K], labels
+        [B,K], boxes [B,K,4]."""
+        if tuple(target_sizes.shape) != (logits.shape[0], 2):
             raise ValueError(f"target_sizes: expected [{logits.shape[0]},2] (h, w) per image, "
                              f"got {tuple(target_sizes.shape)}")
         num_classes = logits.shape[2]
@@ -30,5 +35,4 @@ class PostProcess(nn.Module):
         boxes = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query_index.unsqueeze(-1).repeat(1, 1, 4))
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes)
-        boxes = boxes * scale[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        return scores, labels, boxes * scale[:, None, :]

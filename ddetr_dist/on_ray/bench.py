@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ddetr_dist.config import Config, load_config
+from ddetr_dist.config import AUTO, COCO_NUM_CLASSES, Config, load_config, with_num_classes
 from ddetr_dist.engine.evaluate import outputs_to_float
+from ddetr_dist.engine.init_weights import with_classes_of_data
 
 PHASES = ("data", "forward", "backward", "allreduce", "optimizer")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
@@ -273,8 +274,9 @@ def run_synthetic(cfg: Config, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.synthetic:
-        return run_synthetic(cfg, args)
+    if args.synthetic:  # random labels: COCO's number of classes unless the config gives one
+        return run_synthetic(with_num_classes(cfg, COCO_NUM_CLASSES) if cfg.model.num_classes == AUTO else cfg, args)
+    cfg = with_classes_of_data(cfg)  # what `ddetr train` would resolve
     threads = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the one-process paths get the cores the Ray workers share

@@ -24,6 +24,7 @@ from ddetr_dist.config import Config, ConfigError, check_training_config, save_c
 from ddetr_dist.console import RAY_QUIET_ENV, ray_train_log_level, verbose
 from ddetr_dist.engine.deepspeed_config import check_precision
 from ddetr_dist.engine.run_dir import RunDir
+from ddetr_dist.on_ray.run_inputs import check_backbone_weights, check_init_checkpoint, with_checked_num_classes
 
 log = logging.getLogger("ddetr_dist.train")
 # Ray phones home unless told otherwise
@@ -102,25 +103,6 @@ def check_output_dir(cfg: Config) -> None:
 def ray_address(cfg: Config) -> str:
     """The cluster to join ('' = a local Ray started for this run)."""
     return cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-
-
-def check_backbone_weights(cfg: Config) -> None:
-    """`model.backbone_weights` names a file, before any worker starts. With a local Ray the
-    workers see this machine's files, from where the command runs: a missing file fails
-    here. On a cluster we join, the workers' nodes may hold files this one does not: only
-    a warning (a worker that cannot find it ends the run without retries)."""
-    weights = cfg.model.backbone_weights
-    if not weights or Path(weights).is_file():
-        return
-    where = "" if Path(weights).is_absolute() else f" (relative to {os.getcwd()})"
-    message = (f"config key 'model.backbone_weights' = {weights!r}: no such file{where}. Give a torchvision "
-               "ResNet checkpoint (.pth, e.g. https://download.pytorch.org/models/resnet50-0676ba61.pth for "
-               "ResNet-50), or '' to train the backbone from scratch (with model.backbone_norm=bn "
-               "model.backbone_frozen_stages=0)")
-    if ray_address(cfg):
-        log.warning("%s, on this machine; the workers' nodes may have it", message)
-        return
-    raise ConfigError(message)
 
 
 def connect_ray(cfg: Config) -> bool:
@@ -205,22 +187,27 @@ def write_run_files(cfg: Config, run_dir: RunDir) -> None:
     atomic_write_bytes(run_dir.deepspeed_config, json.dumps(ds, indent=1).encode())
 
 
-def check_before_start(cfg: Config) -> None:
+def check_before_start(cfg: Config) -> Config:
     """Everything about `cfg` that can be checked before Ray starts (`ddetr train`, and
-    `ddetr tune` for its trials' base config): ConfigError naming the key."""
+    `ddetr tune` for its trials' base config): ConfigError naming the key. -> `cfg` with
+    model.num_classes resolved from the train data (on_ray/run_inputs.py)."""
     check_training_config(cfg)
     check_precision(cfg)
     check_output_dir(cfg)
-    check_model(cfg)
-    check_backbone_weights(cfg)
     check_data(cfg)
+    cfg = with_checked_num_classes(cfg)
+    check_model(cfg)
+    joining_cluster = bool(ray_address(cfg))
+    check_backbone_weights(cfg, joining_cluster)
+    check_init_checkpoint(cfg, joining_cluster)
+    return cfg
 
 
 def train(cfg: Config) -> RunResult:
     """Run (or resume) `cfg` to the end on Ray. Raises ConfigError before any worker
     starts, TrainingFailed when the workers fail more than `ray.max_failures` times, or
     once with an error a restart would meet again (ddetr_dist.on_ray.failures)."""
-    check_before_start(cfg)
+    cfg = check_before_start(cfg)
     run_dir = RunDir.of(cfg)
     started_ray = connect_ray(cfg)
     try:

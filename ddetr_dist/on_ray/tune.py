@@ -170,8 +170,7 @@ def _tuner(sweep: Sweep, sweep_dir: SweepDir, trial_base: Config, use_gpu: bool,
 def run_sweep(base: Config, sweep: Sweep, retry_errored: bool = False) -> SweepResult:
     """Run (or resume) the sweep to its end; -> the table's rows and the best config.
     Raises ConfigError before any trial starts."""
-    trial_base = apply_resources(base, sweep.resources)
-    check_before_start(trial_base)
+    trial_base = check_before_start(apply_resources(base, sweep.resources))  # num_classes resolved
     sweep_dir = SweepDir.of(base, sweep.name)
     started_ray = connect_ray(trial_base)
     try:

@@ -88,12 +88,17 @@ def check_inputs(cfg: Config) -> None:
     """The input files this node reads at the start are here (the driver checked its own
     files; on a cluster, this node's may differ). A missing one ends the run at once: a
     restart would not find it either."""
-    weights = cfg.model.backbone_weights
-    if weights and not Path(weights).is_file():
+    weights, init = cfg.model.backbone_weights, cfg.model.init_checkpoint
+    if weights and not init and not Path(weights).is_file():  # an init checkpoint replaces them: not read
         raise InputNotFoundError(
             f"config key 'model.backbone_weights' = {weights!r}: no such file on node {socket.gethostname()} "
             f"(in {os.getcwd()}). On a cluster, every node needs it at that path (a shared file system), "
             "or '' trains the backbone from scratch")
+    if init and not Path(init).exists():
+        raise InputNotFoundError(
+            f"config key 'model.init_checkpoint' = {init!r}: no such file or directory on node "
+            f"{socket.gethostname()} (in {os.getcwd()}). On a cluster, every node needs it at that path "
+            "(a shared file system)")
 
 
 def ray_progress_bar(total: int, initial: int, desc: str):

@@ -43,7 +43,12 @@ def check_levels(who: str, spatial_shapes: Tensor, level_start_index: Tensor, n_
                  device: torch.device, shapes_name: str = "spatial_shapes",
                  index_name: str = "level_start_index", levels_label: str = "L") -> None:
     """spatial_shapes [n_levels, 2] and level_start_index [n_levels], integer, on `device`
-    or on the CPU (where the kernels' wrapper copies them from)."""
+    or on the CPU (where the kernels' wrapper copies them from); or n_levels (H, W) pairs
+    (ops/levels.py)."""
+    if not torch.is_tensor(spatial_shapes):
+        if len(spatial_shapes) != n_levels or any(len(pair) != 2 for pair in spatial_shapes):
+            _fail(who, f"{shapes_name} must be {levels_label}={n_levels} (H, W) pairs, got {list(spatial_shapes)}")
+        return
     if spatial_shapes.dim() != 2 or _shape(spatial_shapes) != (n_levels, 2):
         _fail(who, f"{shapes_name} must be [{levels_label}={n_levels}, 2] (H, W per level), "
                    f"got shape {_shape(spatial_shapes)}")
@@ -61,7 +66,7 @@ def check_token_count(who: str, tokens_name: str, n_tokens: int, spatial_shapes:
                       index_name: str = "level_start_index") -> None:
     """sum(H*W) == n_tokens and level_start_index == the running sum of H*W, when the
     numbers can be read for free (CPU tensors, eager mode)."""
-    if torch.compiler.is_compiling() or spatial_shapes.device.type != "cpu":
+    if torch.compiler.is_compiling() or not torch.is_tensor(spatial_shapes) or spatial_shapes.device.type != "cpu":
         return
     shapes = spatial_shapes.tolist()
     if any(h < 0 or w < 0 or h * w >= 2**31 for h, w in shapes):

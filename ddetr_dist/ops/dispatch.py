@@ -27,6 +27,7 @@ from ddetr_dist.errors import NotRetryable
 from . import build
 from .checks import check_ms_deform_attn_inputs
 from .compiled import ms_deform_attn_compiled
+from .levels import SpatialShapes, level_shapes, level_starts
 from .reference import ms_deform_attn_torch
 
 logger = logging.getLogger(__name__)
@@ -106,12 +107,13 @@ def resolve_backend(backend: str | None, device_type: str) -> str:
     return name
 
 
-def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+def ms_deform_attn(value: Tensor, spatial_shapes: SpatialShapes, level_start_index: Tensor | list,
                    sampling_locations: Tensor, attention_weights: Tensor,
                    backend: str | None = None) -> Tensor:
     """Multi-scale deformable attention.
 
-    value [N, S, M, D]; spatial_shapes [L, 2] (H, W) int64; level_start_index [L] int64;
+    value [N, S, M, D]; spatial_shapes [L, 2] (H, W) int64 (or a list of (H, W) pairs:
+    levels.py); level_start_index [L] int64;
     sampling_locations [N, Lq, M, L, P, 2] (x, y) in 0..1; attention_weights [N, Lq, M, L, P]
     -> [N, Lq, M*D] in value's dtype. Bilinear sampling, zero padding, align_corners=False.
 
@@ -121,6 +123,12 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     dtype. Raises ValueError for malformed inputs (see checks.py).
     """
     check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if resolve_backend(backend, value.device.type) == "torch":
+    # an exported graph may hold only standard operators (ONNX runtimes have no kernel of
+    # ours): the grid_sample formulation, whatever the backend
+    if torch.compiler.is_exporting() or resolve_backend(backend, value.device.type) == "torch":
         return ms_deform_attn_torch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if not torch.is_tensor(spatial_shapes):  # the kernels take the [L, 2] form
+        shapes = level_shapes(spatial_shapes)
+        spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
+        level_start_index = torch.tensor(level_starts(shapes), dtype=torch.int64)
     return ms_deform_attn_compiled(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

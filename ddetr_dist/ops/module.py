@@ -11,6 +11,7 @@ from torch.nn.init import constant_, xavier_uniform_
 
 from .checks import check_levels, check_rank, check_same_device, check_token_count
 from .dispatch import ms_deform_attn
+from .levels import SpatialShapes
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -18,6 +19,13 @@ def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     and the softmax are computed in float32 (bfloat16 locations are ~0.5 px off on a
     152 px map). float64 stays float64."""
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _width_height(spatial_shapes: SpatialShapes) -> torch.Tensor:
+    """[L, 2] (W, H) per level, from either form of the levels' shapes (levels.py)."""
+    if torch.is_tensor(spatial_shapes):
+        return torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+    return torch.tensor([[w, h] for h, w in spatial_shapes])
 
 
 class MSDeformAttn(nn.Module):
@@ -85,7 +93,8 @@ class MSDeformAttn(nn.Module):
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
                 input_level_start_index, input_padding_mask=None):
         """query [N,Lq,C]; reference_points [N,Lq,L,2] in 0..1 (x,y) or [N,Lq,L,4] boxes
-        (cx,cy,w,h); input_flatten [N,S,C]; input_spatial_shapes [L,2] (H,W) integer;
+        (cx,cy,w,h); input_flatten [N,S,C]; input_spatial_shapes [L,2] (H,W) integer
+        (or a list of (H,W) pairs: ops/levels.py);
         input_level_start_index [L]; input_padding_mask [N,S] bool, True = padding
         -> [N,Lq,C]. Under autocast the output has the autocast dtype (output_proj is a
         Linear); sampling locations and attention weights are float32 either way."""
@@ -105,8 +114,7 @@ class MSDeformAttn(nn.Module):
             N, Len_q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by that level's (W, H)
-            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]],
-                                            -1).to(sampling_offsets)
+            offset_normalizer = _width_height(input_spatial_shapes).to(sampling_offsets)
             sampling_locations = (reference_points[:, :, None, :, None, :]
                                   + sampling_offsets / offset_normalizer[None, None, None, :, None, :])
         else:  # boxes: offsets are in units of half the box size, per point

@@ -13,17 +13,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .levels import SpatialShapes, level_shapes
+
 
 def ms_deform_attn_torch(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
+    spatial_shapes: SpatialShapes,
+    level_start_index: torch.Tensor | list,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """value [N,S,M,D], sampling_locations [N,Lq,M,L,P,2] in 0..1 (x,y),
-    attention_weights [N,Lq,M,L,P] -> [N,Lq,M*D]. `level_start_index` is implied by
-    `spatial_shapes` and accepted only to keep the official signature."""
+    attention_weights [N,Lq,M,L,P] -> [N,Lq,M*D]. `spatial_shapes`: [L,2] (H,W) or a list of
+    (H,W) pairs (levels.py); `level_start_index` is implied by them and accepted only to keep
+    the official signature. Only standard operators (GridSample from ONNX opset 16): this
+    is the formulation `ddetr export` writes."""
     del level_start_index
     out_dtype = value.dtype
     compute_dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype),
@@ -32,14 +36,14 @@ def ms_deform_attn_torch(
         t.to(compute_dtype) for t in (value, sampling_locations, attention_weights))
     N, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_list = value.split(sizes, dim=1)
+    shapes = level_shapes(spatial_shapes)
+    value_list = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample wants the grid in -1..1
     sampling_grids = 2 * sampling_locations - 1
     sampled = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    for level, (h, w) in enumerate(shapes):
         # [N, H*W, M, D] -> [N*M, D, H, W]
-        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(N * M, D, int(h), int(w))
+        value_l = value_list[level].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
         # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
         grid_l = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear",

@@ -125,5 +125,5 @@ def test_cli_reports_num_classes_and_names_degenerate_boxes(tiny_coco, capsys):
             "--out", str(tiny_coco["out"]), "--no-progress"]
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
-    assert "model.num_classes=8" in out
+    assert "8 classes (max category id + 1)" in out and "model.num_classes=auto" in out
     assert "1 box(es) have no area" in err and "img2.jpg" in err

@@ -10,7 +10,8 @@ from ddetr_dist.models import build_model
 @pytest.fixture(scope="module")
 def model_and_cfg():
     cfg = load_config(None, ["model.backbone_depth=18", "model.hidden_dim=32", "model.nheads=2", "model.enc_layers=1",
-                             "model.dec_layers=1", "model.num_feature_levels=2", "model.num_queries=4"])
+                             "model.dec_layers=1", "model.num_feature_levels=2", "model.num_queries=4",
+                             "model.num_classes=91"])
     return build_model(cfg)[0], cfg
 
 

@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ddetr_dist.models.backbone import Backbone
+from ddetr_dist.models.backbone import Backbone, downsample_mask
 from ddetr_dist.models.position_encoding import PositionEmbeddingSine
 from ddetr_dist.models.resnet import FrozenBatchNorm2d, ResNet
 
@@ -77,3 +78,16 @@ def test_position_encoding_ignores_padding_and_is_normalised():
     # first channel of y: sin of the normalised row centre (i + 0.5) / H * 2pi
     rows = torch.arange(4, dtype=torch.float32)
     torch.testing.assert_close(small[0, 0, :, 0], torch.sin((rows + 0.5) / (4 + 1e-6) * 2 * math.pi))
+
+
+def test_downsampled_masks_are_the_official_interpolation_to_the_pixel():
+    """downsample_mask writes out torch's nearest arithmetic (so that an exported graph computes
+    it, where ONNX Resize would round otherwise): every mask equals F.interpolate's, also at
+    sizes whose float scale is inexact (an image 7 wide at a level 3 wide, 1333 at 42)."""
+    generator = torch.Generator().manual_seed(0)
+    sizes = [((160, 224), (3, 4)), ((7, 7), (3, 3)), ((800, 1333), (25, 42)), ((801, 1201), (101, 151)),
+             ((97, 130), (13, 17)), ((5, 9), (10, 18)), ((64, 64), (64, 64))]
+    for (height, width), size in sizes:
+        mask = torch.rand(2, height, width, generator=generator) > 0.5
+        official = F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+        assert torch.equal(downsample_mask(mask, size), official), (height, width, size)

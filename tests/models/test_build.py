@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ddetr_dist.config import Config, LossConfig, ModelConfig
+from ddetr_dist.config import COCO_NUM_CLASSES, Config, LossConfig
 from ddetr_dist.models import VARIANTS, build_model
 from ddetr_dist.models.deformable_detr import FOCAL_PRIOR_PROB, DeformableDETR
 
@@ -81,9 +81,17 @@ def test_build_accepts_config_model_config_and_none():
     assert model.class_embed[0].out_features == 7 and criterion.num_classes == 7
     with torch.device("meta"):
         model, _, _ = build_model()
-    assert isinstance(model, DeformableDETR) and model.class_embed[0].out_features == ModelConfig().num_classes
+    assert isinstance(model, DeformableDETR) and model.class_embed[0].out_features == COCO_NUM_CLASSES  # official
     with pytest.raises(TypeError, match="cfg must be"):
         build_model({"hidden_dim": 64})
+
+
+def test_a_model_built_by_hand_needs_a_number_of_classes():
+    """'auto' (the config's default) is the train data's: `ddetr train` resolves it; by hand
+    there is no data to read it from."""
+    with pytest.raises(ValueError, match=r"model.num_classes is 'auto': `ddetr train` resolves it from the train "
+                                         r"data.*give a number when building a model by hand"):
+        build_model(Config())
 
 
 @pytest.mark.parametrize("changes, field", [

@@ -1,0 +1,50 @@
+"""Where a new run's weights start, and how many classes its heads have.
+
+`model.init_checkpoint` (fine-tuning) names a released `{'model': state_dict}` checkpoint, a
+`model_final.pth`, a run directory (its newest checkpoint) or one checkpoint folder
+(`resolve_weights` reads all four). It is loaded strictly, except class heads of another
+number of classes, which are re-initialised; the run's metrics record where its weights
+came from. A resumed run takes its own checkpoint's weights instead.
+
+`model.num_classes: auto` is resolved by the driver before any worker starts; a Trainer run
+without it (`ddetr bench train`, tests) resolves it here, from the same train manifest.
+"""
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from ddetr_dist import comm
+from ddetr_dist.config import AUTO, Config, with_num_classes
+from ddetr_dist.data import load_shard_set
+from ddetr_dist.engine.inference import resolve_weights
+from ddetr_dist.engine.metrics import MetricsLog
+from ddetr_dist.models import load_official_checkpoint
+
+log = logging.getLogger("ddetr_dist.train")
+
+
+def with_classes_of_data(cfg: Config) -> Config:
+    """`cfg` with model.num_classes 'auto' replaced by the train manifest's max category id + 1."""
+    if cfg.model.num_classes != AUTO:
+        return cfg
+    d = cfg.data
+    return with_num_classes(cfg, load_shard_set(d.train_shards, d.allow_pipe_urls, d.train_manifest).num_classes)
+
+
+def load_init_checkpoint(cfg: Config, model: nn.Module, resuming: bool, metrics: MetricsLog) -> None:
+    """`model.init_checkpoint` into `model` (on every rank, before DeepSpeed wraps it), for a
+    new run; the `init_checkpoint` event names the file and the re-initialised tensors."""
+    path = cfg.model.init_checkpoint
+    if not path:
+        return
+    if resuming:
+        if comm.get_rank() == 0:
+            log.info("resuming: the weights come from the run's own checkpoint; model.init_checkpoint (%s) is "
+                     "not read", path)
+        return
+    weights, _ = resolve_weights(path)
+    reinitialised = load_official_checkpoint(weights, model)
+    metrics.emit({"event": "init_checkpoint", "step": 0, "epoch": 0, "from": str(weights),
+                  "reinitialised": reinitialised})
