@@ -332,6 +332,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# a URI (s3://, gs://, hdfs://, file://), or one whose '//' a shell or a path join made '/' (s3:/x)
+URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 def check_training_config(cfg: Config) -> None:
@@ -344,6 +346,12 @@ def check_training_config(cfg: Config) -> None:
     t, o, r, d = cfg.train, cfg.optim, cfg.ray, cfg.data
     need(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",
          f"must be a plain directory name, got {cfg.name!r}")
+    # a path, not object storage (yet): taken as a path, 's3://bkt/runs' would train into a local
+    # folder named 's3:/bkt/runs' and leave the bucket empty
+    need(not URI.match(cfg.output_dir), "output_dir",
+         f"= {cfg.output_dir!r} is a URI, and object storage is not supported for the run directory yet: give a "
+         "path on a file system every node mounts (NFS, Lustre, EFS/FSx, a ReadWriteMany volume), e.g. "
+         "output_dir=/shared/runs")
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     need(0 <= t.zero_stage <= 3, "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
     for key in ("grad_accum", "log_every_steps", "max_bad_steps"):

@@ -90,6 +90,10 @@ def test_exponent_floats_without_a_dot_are_floats():
     ("optim.lr=-1", "'optim.lr': must be > 0"),
     ("data.train_shards=", "'data.train_shards': is empty"),
     ("name=a/b", "'name': must be a plain directory name"),
+    # object storage is not a run directory yet: never a local folder named 's3:/bkt/runs'
+    ("output_dir=s3://bkt/runs", "'output_dir': = 's3://bkt/runs' is a URI"),
+    ("output_dir=s3:/bkt/runs", "'output_dir': = 's3:/bkt/runs' is a URI"),
+    ("output_dir=gs://bkt/runs", "object storage is not supported for the run directory yet"),
 ])
 def test_impossible_training_values_name_the_key(override, message):
     from ddetr_dist.config import check_training_config
@@ -176,3 +180,11 @@ def test_the_typed_reader_reads_any_dataclass_naming_the_key():
         with pytest.raises(ConfigError) as error:
             read_into(Spec(), values, "spec", label="key")
         assert message in str(error.value)
+
+
+@pytest.mark.parametrize("output_dir", ["runs", "/shared/runs", "~/runs", "./s3-copies/runs", "runs:2026"])
+def test_file_system_output_dirs_are_accepted(output_dir):
+    from ddetr_dist.config import check_training_config
+
+    check_training_config(load_config(None, ["data.train_shards=x", f"output_dir={output_dir}", "model.backbone_norm=bn",
+                                             "model.backbone_frozen_stages=0"]))
