@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
         print(f"ddetr export: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # the graph came out with fixed sizes (onnx_export.check_dynamic)
+        print(f"ddetr export: {e}", file=sys.stderr)
+        return 1
     side = smallest_side(model)
     print(f"wrote {out} ({out.stat().st_size / 2 ** 20:.1f} MB) in {time.perf_counter() - start:.0f} s: inputs "
           f"images [B,3,H,W], padding_mask [B,H,W] with any B and H, W >= {side}")

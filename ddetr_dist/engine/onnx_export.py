@@ -97,6 +97,7 @@ def export_onnx(model: DeformableDETR, out: str | Path, cfg: Config, categories:
             wrapper, example_inputs(model, detections, example_size)[:len(names)], dynamo=True,
             opset_version=opset, input_names=list(names), output_names=list(OUTPUTS + (DETECTION_OUTPUTS if detections else ())),
             dynamic_shapes={k: v for k, v in dynamic_shapes(model, detections).items() if k in names}, verbose=False)
+    check_dynamic(program)
     program.model.metadata_props.update({CONFIG_KEY: config_to_yaml(cfg), MIN_SIDE_KEY: str(smallest_side(model)),
                                          CATEGORIES_KEY: json.dumps({str(k): v for k, v in categories.items()})})
     out = Path(out)
@@ -110,6 +111,23 @@ def export_onnx(model: DeformableDETR, out: str | Path, cfg: Config, categories:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+# the axes that must stay symbols: batch, height, width
+DYNAMIC_AXES = {"images": (0, 2, 3), "padding_mask": (0, 1, 2)}
+
+
+def check_dynamic(program) -> None:
+    """torch.onnx.export falls back to the example's fixed shapes, without an error, when
+    torch.export cannot keep an axis dynamic (model code that reads a size as a plain
+    number): such a file would run at 192x256 only. Refuse it, naming the axes."""
+    shapes = {value.name: list(value.shape) for value in program.model.graph.inputs}
+    frozen = [f"{name}[{axis}] = {shapes[name][axis]}" for name, axes in DYNAMIC_AXES.items() for axis in axes
+              if isinstance(shapes[name][axis], int)]
+    if frozen:
+        raise RuntimeError(f"the exported graph's input sizes are fixed ({', '.join(frozen)}), not dynamic: the "
+                           "model code turns the image size into a constant somewhere (run with DDETR_VERBOSE=1 "
+                           "for torch.export's reason); this file would run at one image size only")
 
 
 @contextlib.contextmanager

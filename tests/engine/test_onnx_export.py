@@ -156,3 +156,22 @@ def test_the_base_r50_model_exports_and_equals_pytorch(tmp_path):
     assert logits.shape == (2, 300, 91)
     assert np.abs(logits - expected["pred_logits"].numpy()).max() < TOLERANCE
     assert np.abs(boxes - expected["pred_boxes"].numpy()).max() < TOLERANCE
+
+
+def test_an_export_whose_sizes_came_out_fixed_is_refused():
+    """torch.onnx.export falls back to the example's fixed sizes, without an error, when the
+    model reads a size as a plain number; export_onnx refuses such a graph."""
+    from ddetr_dist.engine.onnx_export import check_dynamic, quiet_exporter
+
+    class ReadsTheHeight(torch.nn.Module):
+        def forward(self, images, padding_mask):
+            return images.mean((2, 3)) * int(images.shape[2]), padding_mask.sum((1, 2))
+
+    batch, height, width = (torch.export.Dim(name, min=2) for name in ("batch", "height", "width"))
+    with quiet_exporter():
+        program = torch.onnx.export(
+            ReadsTheHeight(), (torch.randn(2, 3, 192, 256), torch.zeros(2, 192, 256, dtype=torch.bool)), dynamo=True,
+            input_names=["images", "padding_mask"], dynamic_shapes={"images": {0: batch, 2: height, 3: width},
+                                                                    "padding_mask": {0: batch, 1: height, 2: width}})
+    with pytest.raises(RuntimeError, match=r"images\[2\] = 192.*one image size only"):
+        check_dynamic(program)
