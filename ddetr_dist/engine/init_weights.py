@@ -12,6 +12,8 @@ without it (`ddetr bench train`, tests) resolves it here, from the same train ma
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
 from torch import nn
 
@@ -20,6 +22,7 @@ from ddetr_dist.config import AUTO, Config, with_num_classes
 from ddetr_dist.data import load_shard_set
 from ddetr_dist.engine.inference import resolve_weights
 from ddetr_dist.engine.metrics import MetricsLog
+from ddetr_dist.errors import InputNotFoundError
 from ddetr_dist.models import load_official_checkpoint
 
 log = logging.getLogger("ddetr_dist.train")
@@ -44,7 +47,12 @@ def load_init_checkpoint(cfg: Config, model: nn.Module, resuming: bool, metrics:
             log.info("resuming: the weights come from the run's own checkpoint; model.init_checkpoint (%s) is "
                      "not read", path)
         return
-    weights, _ = resolve_weights(path)
+    try:
+        weights, _ = resolve_weights(path)
+    except FileNotFoundError as e:  # a restart on this node would not find it either
+        raise InputNotFoundError(f"config key 'model.init_checkpoint' = {path!r}: {e}, on node "
+                                 f"{socket.gethostname()} (in {os.getcwd()}). On a cluster, every node needs it at "
+                                 "that path (a shared file system)") from None
     reinitialised = load_official_checkpoint(weights, model)
     metrics.emit({"event": "init_checkpoint", "step": 0, "epoch": 0, "from": str(weights),
                   "reinitialised": reinitialised})

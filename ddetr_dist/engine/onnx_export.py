@@ -81,7 +81,7 @@ def dynamic_shapes(model: DeformableDETR, detections: bool) -> dict:
     side = smallest_side(model)
     height, width = torch.export.Dim("height", min=side), torch.export.Dim("width", min=side)
     shapes = {"images": {0: batch, 2: height, 3: width}, "padding_mask": {0: batch, 1: height, 2: width}}
-    return {**shapes, "orig_sizes": {0: batch}} if detections else {**shapes, "orig_sizes": None}
+    return {**shapes, "orig_sizes": {0: batch}} if detections else shapes
 
 
 def export_onnx(model: DeformableDETR, out: str | Path, cfg: Config, categories: dict[int, str],
@@ -94,9 +94,9 @@ def export_onnx(model: DeformableDETR, out: str | Path, cfg: Config, categories:
     names = INPUTS + ((DETECTION_INPUT,) if detections else ())
     with torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
-            wrapper, example_inputs(model, detections, example_size)[:len(names)], dynamo=True,
-            opset_version=opset, input_names=list(names), output_names=list(OUTPUTS + (DETECTION_OUTPUTS if detections else ())),
-            dynamic_shapes={k: v for k, v in dynamic_shapes(model, detections).items() if k in names}, verbose=False)
+            wrapper, example_inputs(model, detections, example_size), dynamo=True, opset_version=opset,
+            input_names=list(names), output_names=list(OUTPUTS + (DETECTION_OUTPUTS if detections else ())),
+            dynamic_shapes=dynamic_shapes(model, detections), verbose=False)
     check_dynamic(program)
     program.model.metadata_props.update({CONFIG_KEY: config_to_yaml(cfg), MIN_SIDE_KEY: str(smallest_side(model)),
                                          CATEGORIES_KEY: json.dumps({str(k): v for k, v in categories.items()})})

@@ -48,13 +48,17 @@ def check_init_checkpoint(cfg: Config, joining_cluster: bool) -> None:
     every worker."""
     import torch
 
-    from ddetr_dist.engine.inference import resolve_weights
+    from ddetr_dist.engine.inference import newest_checkpoint, resolve_weights
+    from ddetr_dist.engine.run_dir import RunDir
     from ddetr_dist.models.build import build_model
     from ddetr_dist.models.checkpoint import CheckpointMismatchError, class_heads_to_reinitialise, \
         model_state_dict, read_checkpoint
 
     path = cfg.model.init_checkpoint
     if not path:
+        return
+    if newest_checkpoint(RunDir.of(cfg).path) is not None:  # a resume takes its own weights
+        log.info("resuming %s: model.init_checkpoint (%s) is not read", RunDir.of(cfg), path)
         return
     key = f"config key 'model.init_checkpoint' = {path!r}"
     try:

@@ -94,11 +94,7 @@ def check_inputs(cfg: Config) -> None:
             f"config key 'model.backbone_weights' = {weights!r}: no such file on node {socket.gethostname()} "
             f"(in {os.getcwd()}). On a cluster, every node needs it at that path (a shared file system), "
             "or '' trains the backbone from scratch")
-    if init and not Path(init).exists():
-        raise InputNotFoundError(
-            f"config key 'model.init_checkpoint' = {init!r}: no such file or directory on node "
-            f"{socket.gethostname()} (in {os.getcwd()}). On a cluster, every node needs it at that path "
-            "(a shared file system)")
+    # model.init_checkpoint: read by a new run only, which checks it then (engine/init_weights.py)
 
 
 def ray_progress_bar(total: int, initial: int, desc: str):

@@ -148,15 +148,31 @@ def test_a_missing_init_checkpoint_fails_before_the_workers_or_warns_on_a_cluste
     assert "nope.pth" in caplog.text and "the workers' nodes may have it" in caplog.text
 
 
-def test_a_worker_without_the_init_checkpoint_fails_without_retries(tmp_path, monkeypatch):
+def test_a_new_run_on_a_node_without_the_init_checkpoint_fails_without_retries(tmp_path, monkeypatch):
+    from ddetr_dist.engine.init_weights import load_init_checkpoint
+    from ddetr_dist.engine.metrics import MetricsLog
     from ddetr_dist.on_ray.failures import is_deterministic
     from ddetr_dist.on_ray.worker import check_inputs
 
     monkeypatch.chdir(tmp_path)
     # backbone_weights missing too, but not read: the init checkpoint replaces them
-    cfg = load_config(None, ["model.init_checkpoint=runs/r50", "model.backbone_weights=weights/missing.pth"])
-    with pytest.raises(FileNotFoundError) as error:
-        check_inputs(cfg)
-    assert is_deterministic(error.value) and "'model.init_checkpoint' = 'runs/r50': no such file" in str(error.value)
-    (tmp_path / "runs" / "r50").mkdir(parents=True)
+    cfg = load_config(None, ["model.init_checkpoint=runs/r50", "model.backbone_weights=weights/missing.pth",
+                             "model.num_classes=7"])
     check_inputs(cfg)
+    model, metrics = build_model(cfg)[0], MetricsLog(tmp_path / "metrics.jsonl", enabled=False)
+    with pytest.raises(FileNotFoundError) as error:
+        load_init_checkpoint(cfg, model, resuming=False, metrics=metrics)
+    assert is_deterministic(error.value) and "'model.init_checkpoint' = 'runs/r50'" in str(error.value)
+    load_init_checkpoint(cfg, model, resuming=True, metrics=metrics)  # a resume does not read it
+
+
+def test_a_resume_does_not_need_the_init_checkpoint_any_more(sparse_data, tmp_path, caplog):
+    """Fine-tuned runs resume from their own checkpoints: the file they started from may be gone."""
+    cfg = load_config(None, finetune_overrides(sparse_data, tmp_path, "resumed", tmp_path / "deleted.pth"))
+    checkpoint = tmp_path / "resumed" / "checkpoint_000000010_abc"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "meta.json").write_text(json.dumps({"step": 10}))
+    (checkpoint / "portable.pt").write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="ddetr_dist.train"):
+        check_before_start(cfg)
+    assert "model.init_checkpoint" in caplog.text and "is not read" in caplog.text
