@@ -326,6 +326,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     cfg = Config()
     for layer in _read_yaml(Path(path)) if path else []:
         cfg = read_into(cfg, layer)
+    return with_overrides(cfg, overrides)
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`cfg` with `section.key=value` overrides applied in order."""
     for text in overrides:
         cfg = read_into(cfg, parse_override(text))
     return cfg

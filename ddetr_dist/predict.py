@@ -23,7 +23,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import random
 import sys
@@ -102,7 +101,7 @@ def predict_one(path: Path, model, postprocess, transform, threshold: float, nam
 def load_detector(args: argparse.Namespace, overrides: list[str]):
     """-> (cfg, model, postprocess, category names, where the weights came from): the PyTorch
     model of --checkpoint, or onnxruntime running --onnx (called alike)."""
-    from ddetr_dist.config import load_config, parse_override, read_into
+    from ddetr_dist.config import load_config, with_overrides
     from ddetr_dist.engine.inference import category_names, load_trained
     from ddetr_dist.models.postprocess import PostProcess
 
@@ -113,7 +112,7 @@ def load_detector(args: argparse.Namespace, overrides: list[str]):
 
     model = OnnxDetector(args.onnx)
     cfg = load_config(args.config) if args.config else model.config() or load_config(DEMO_CONFIG)
-    cfg = functools.reduce(lambda c, text: read_into(c, parse_override(text)), overrides, cfg)
+    cfg = with_overrides(cfg, overrides)
     return cfg, model, PostProcess(), model.category_names() or category_names(cfg), model.path
 
 

@@ -28,12 +28,17 @@ from ddetr_dist.models import load_official_checkpoint
 log = logging.getLogger("ddetr_dist.train")
 
 
+def classes_in_train_data(cfg: Config) -> int:
+    """The train manifest's max category id + 1: the class heads its labels need."""
+    d = cfg.data
+    return load_shard_set(d.train_shards, d.allow_pipe_urls, d.train_manifest).num_classes
+
+
 def with_classes_of_data(cfg: Config) -> Config:
     """`cfg` with model.num_classes 'auto' replaced by the train manifest's max category id + 1."""
     if cfg.model.num_classes != AUTO:
         return cfg
-    d = cfg.data
-    return with_num_classes(cfg, load_shard_set(d.train_shards, d.allow_pipe_urls, d.train_manifest).num_classes)
+    return with_num_classes(cfg, classes_in_train_data(cfg))
 
 
 def load_init_checkpoint(cfg: Config, model: nn.Module, resuming: bool, metrics: MetricsLog) -> None:

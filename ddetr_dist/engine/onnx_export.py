@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config, config_to_yaml
 from ddetr_dist.console import verbose, without_library_prints
 from ddetr_dist.models.deformable_detr import DeformableDETR
@@ -100,16 +99,12 @@ def export_onnx(model: DeformableDETR, out: str | Path, cfg: Config, categories:
     check_dynamic(program)
     program.model.metadata_props.update({CONFIG_KEY: config_to_yaml(cfg), MIN_SIDE_KEY: str(smallest_side(model)),
                                          CATEGORIES_KEY: json.dumps({str(k): v for k, v in categories.items()})})
+    import onnx_ir  # the exporter's own graph library (the export extra)
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        program.save(tmp, external_data=False)  # one file (the graph and the weights)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # one file, the graph and the weights (what program.save writes below 2 GB), whole or not at all
+    atomic_write_bytes(out, onnx_ir.to_proto(program.model).SerializeToString())
     return out
 
 

@@ -57,8 +57,9 @@ def check_init_checkpoint(cfg: Config, joining_cluster: bool) -> None:
     path = cfg.model.init_checkpoint
     if not path:
         return
-    if newest_checkpoint(RunDir.of(cfg).path) is not None:  # a resume takes its own weights
-        log.info("resuming %s: model.init_checkpoint (%s) is not read", RunDir.of(cfg), path)
+    run_dir = RunDir.of(cfg)
+    if newest_checkpoint(run_dir.path) is not None:  # a resume takes its own weights
+        log.info("resuming %s: model.init_checkpoint (%s) is not read", run_dir, path)
         return
     key = f"config key 'model.init_checkpoint' = {path!r}"
     try:
@@ -83,10 +84,9 @@ def check_init_checkpoint(cfg: Config, joining_cluster: bool) -> None:
 def with_checked_num_classes(cfg: Config) -> Config:
     """`cfg` with model.num_classes fitted to the train manifest: 'auto' becomes its max
     category id + 1 (recorded in the run's config.yaml); fewer fail, far more warn."""
-    from ddetr_dist.data import load_shard_set
+    from ddetr_dist.engine.init_weights import classes_in_train_data
 
-    d = cfg.data
-    needed = load_shard_set(d.train_shards, d.allow_pipe_urls, d.train_manifest).num_classes
+    needed = classes_in_train_data(cfg)
     resolved = with_num_classes(cfg, needed)
     if cfg.model.num_classes == AUTO:
         log.info("model.num_classes=auto: %d (the train manifest's category ids go up to %d)", needed, needed - 1)
