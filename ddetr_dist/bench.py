@@ -5,6 +5,7 @@ noisy: compare within a run, never against typed-in numbers).
   ddetr bench data [options]   the loader: shards through decode + transforms vs. loose files
   ddetr bench train [options]  training: plain PyTorch vs. the DeepSpeed engine vs. Ray + DeepSpeed
   ddetr bench onnx [options]   inference: onnxruntime running the exported model vs. PyTorch eager
+  ddetr bench checkpoint [options]  what a checkpoint stalls the train loop: synchronous vs. background saves
 
 `ddetr bench TARGET --help` lists a target's options.
 """
@@ -15,7 +16,7 @@ import importlib
 
 # Imported only when chosen: one target's dependencies never break another's.
 TARGETS = {"msda": "ddetr_dist.ops.bench", "data": "ddetr_dist.data.bench", "train": "ddetr_dist.on_ray.bench",
-           "onnx": "ddetr_dist.engine.onnx_bench"}
+           "onnx": "ddetr_dist.engine.onnx_bench", "checkpoint": "ddetr_dist.on_ray.checkpoint_bench"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

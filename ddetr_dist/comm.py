@@ -119,6 +119,38 @@ def barrier() -> None:
         dist.barrier()
 
 
+_cpu_group: tuple = (None, None)  # (the default group it was made for, the gloo group)
+
+
+def cpu_group():
+    """A gloo group of every rank, for collectives on CPU tensors outside the loop's thread
+    (a checkpoint assembled in the background): one group's collectives must come in one
+    order on every rank, and the loop's own go through the default group. Collective the
+    first time (every rank calls it at the same point); None without a process group."""
+    global _cpu_group
+    if not is_distributed():
+        return None
+    default = dist.distributed_c10d._get_default_group()
+    if _cpu_group[0] is not default:  # a new process group (tests, the benchmark): a new side group
+        _cpu_group = (default, dist.new_group(backend="gloo"))
+    return _cpu_group[1]
+
+
+def cpu_group_zeros(numel: int) -> torch.Tensor:
+    """The one place a tensor for cpu_group()'s collectives is built: fp32 zeros on the CPU
+    (gloo's device, whatever the default group's backend)."""
+    tensor = torch.zeros(numel, dtype=torch.float32)
+    setattr(tensor, _BUILT_HERE, True)
+    return tensor
+
+
+def reduce_sum_to_rank_0_(tensor: torch.Tensor, group) -> None:
+    """In place: on rank 0 `tensor` (from cpu_group_zeros) becomes the sum of every rank's;
+    `group` from cpu_group()."""
+    if is_distributed():
+        dist.reduce(tensor, dst=0, group=group)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """`obj` of rank `src` on every rank."""
     if not is_distributed():
@@ -163,12 +195,12 @@ def _tensors(args, kwargs) -> list[torch.Tensor]:
     return found
 
 
-def check_collective_tensors(name: str, tensors: list[torch.Tensor], caller_file: str) -> None:
-    """Raise CollectiveDeviceError when `name` (called from `caller_file`) gets a tensor its
-    backend would reject on a GPU cluster."""
+def check_collective_tensors(name: str, tensors: list[torch.Tensor], caller_file: str, group=None) -> None:
+    """Raise CollectiveDeviceError when `name` (called from `caller_file`, on `group`: None
+    is the default one) gets a tensor its backend would reject on a GPU cluster."""
     if not is_distributed():
         return
-    if dist.get_backend() == "nccl":
+    if dist.get_backend(group) == "nccl":
         wrong = [t for t in tensors if t.device.type != "cuda"]
         if wrong:
             raise CollectiveDeviceError(f"torch.distributed.{name} under NCCL got a tensor on {wrong[0].device} "
@@ -188,7 +220,8 @@ def check_collective_tensors(name: str, tensors: list[torch.Tensor], caller_file
 def _checked(name: str, collective):
     @functools.wraps(collective)
     def call(*args, **kwargs):
-        check_collective_tensors(name, _tensors(args, kwargs), sys._getframe(1).f_code.co_filename)
+        check_collective_tensors(name, _tensors(args, kwargs), sys._getframe(1).f_code.co_filename,
+                                 kwargs.get("group"))
         return collective(*args, **kwargs)
 
     call.__wrapped_by_ddetr__ = True

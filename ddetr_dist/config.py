@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from ddetr_dist.atomic import atomic_write_bytes
+from ddetr_dist.storage import StoreError, check_scheme, is_uri, mangled_uri
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout (or the job's working_dir)
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"  # what the commands use without --config
@@ -134,6 +135,9 @@ class TrainConfig:
     loss_scale_power: int = 16  # fp16: the dynamic loss scale starts at 2**this
     loss_scale_window: int = 1000  # fp16: steps without overflow before the loss scale doubles
     checkpoint_every_steps: int = 0  # 0 = at each epoch end only
+    # write a checkpoint in a background thread: the loop waits only for a CPU copy of the state
+    # (false: the loop waits until the files are written and registered)
+    async_checkpoint: bool = True
     log_every_steps: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses/gradients before the run aborts
     eval_every_epochs: int = 1  # COCO evaluation on data.val_shards; 0 = only at the end
@@ -141,16 +145,51 @@ class TrainConfig:
     picture_threshold: float = 0.3  # detections drawn: score at least this
 
 
+WORKER_RANGE = re.compile(r"\s*\d+\s*(-\s*\d+\s*)?")  # ray.num_workers as text: '2' or '2-4'
+
+
 @dataclass
 class RayConfig:
     """Where and how wide the run is."""
 
     address: str = ""  # '' = RAY_ADDRESS, else a local Ray started for this run (127.0.0.1)
-    num_workers: int = 2  # training processes (one per GPU on a GPU cluster)
+    # training processes (one per GPU on a GPU cluster): a number, or a range '2-4' / [2, 4]:
+    # elastic, as many as the cluster holds within it, fewer after a node is lost, more when
+    # capacity returns (docs/elastic.md)
+    num_workers: Union[int, str, tuple[int, ...]] = 2
     use_gpu: Optional[bool] = None  # None = use GPUs when the cluster has them
     cpus_per_worker: int = 1  # also the torch threads of each worker
     max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
     keep_checkpoints: int = 2  # newest checkpoints kept in the run directory
+    # SIGTERM (to the driver or a worker): seconds the workers may take to save a checkpoint at
+    # their next step before the process ends anyway; 0 = end at once (docs/preemption.md)
+    save_on_sigterm_s: float = 60.0
+    # a range of workers: how often Ray looks for room for more (a resize restarts the workers
+    # from the last checkpoint; Ray's view of the nodes is itself refreshed every 20 s)
+    resize_check_s: float = 60.0
+
+    def __post_init__(self):
+        self.worker_range()  # a malformed ray.num_workers fails where it is read, naming the key
+
+    def worker_range(self) -> tuple[int, int]:
+        """`num_workers` as (fewest, most): (2, 2) for 2; (2, 4) for '2-4' or [2, 4]. A value
+        that is neither raises ConfigError naming the key."""
+        value = self.num_workers
+        if isinstance(value, str) and WORKER_RANGE.fullmatch(value):
+            low, _, high = value.partition("-")
+            value = (int(low), int(high or low))
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = (value, value)
+        if not (isinstance(value, (tuple, list)) and len(value) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise ConfigError(f"config key 'ray.num_workers': expected a number of workers (2) or a range of them "
+                              f"(2-4, or [2, 4]), got {self.num_workers!r}")
+        return int(value[0]), int(value[1])
+
+    def is_elastic(self) -> bool:
+        """A range of workers (not one number): Ray resizes the run as nodes come and go."""
+        low, high = self.worker_range()
+        return low != high
 
 
 @dataclass
@@ -158,7 +197,7 @@ class Config:
     """The root of the tree."""
 
     name: str = "run"  # run name: the run directory is <output_dir>/<name>; same name resumes
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # a path every node sees, or object storage: s3://bucket/prefix (docs/object-storage.md)
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -337,8 +376,6 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-# a URI (s3://, gs://, hdfs://, file://), or one whose '//' a shell or a path join made '/' (s3:/x)
-URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 def check_training_config(cfg: Config) -> None:
@@ -351,12 +388,16 @@ def check_training_config(cfg: Config) -> None:
     t, o, r, d = cfg.train, cfg.optim, cfg.ray, cfg.data
     need(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",
          f"must be a plain directory name, got {cfg.name!r}")
-    # a path, not object storage (yet): taken as a path, 's3://bkt/runs' would train into a local
-    # folder named 's3:/bkt/runs' and leave the bucket empty
-    need(not URI.match(cfg.output_dir), "output_dir",
-         f"= {cfg.output_dir!r} is a URI, and object storage is not supported for the run directory yet: give a "
-         "path on a file system every node mounts (NFS, Lustre, EFS/FSx, a ReadWriteMany volume), e.g. "
-         "output_dir=/shared/runs")
+    # taken as a path, 's3:/bkt/runs' (a URI whose '//' a shell or path join lost) would train
+    # into a local folder of that name and leave the bucket empty
+    need(not mangled_uri(cfg.output_dir), "output_dir",
+         f"= {cfg.output_dir!r} looks like a URI that lost a '/' after its scheme: write "
+         f"{cfg.output_dir.replace(':/', '://', 1)!r} for object storage, or give a path")
+    if is_uri(cfg.output_dir):  # reaching it is the driver's check (on_ray/driver.py)
+        try:
+            check_scheme(cfg.output_dir)
+        except StoreError as e:
+            raise ConfigError(f"config key 'output_dir': {e}") from None
     need(t.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     need(0 <= t.zero_stage <= 3, "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
     for key in ("grad_accum", "log_every_steps", "max_bad_steps"):
@@ -367,10 +408,15 @@ def check_training_config(cfg: Config) -> None:
     need(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     for key in ("lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm", "warmup_steps", "lr_drop"):
         need(getattr(o, key) >= 0, f"optim.{key}", f"must be >= 0, got {getattr(o, key)}")
-    need(r.num_workers >= 1, "ray.num_workers", f"must be >= 1, got {r.num_workers}")
+    fewest, most = r.worker_range()
+    need(fewest >= 1, "ray.num_workers", f"must be >= 1, got {r.num_workers}")
+    need(most >= fewest, "ray.num_workers", f"= {r.num_workers!r}: a range goes from the fewest workers to the "
+         f"most, e.g. {most}-{fewest}")
+    need(r.resize_check_s > 0, "ray.resize_check_s", f"must be > 0 (seconds), got {r.resize_check_s}")
     need(r.cpus_per_worker >= 1, "ray.cpus_per_worker", f"must be >= 1, got {r.cpus_per_worker}")
     need(r.max_failures >= -1, "ray.max_failures", f"must be >= 0 (-1 = retry forever), got {r.max_failures}")
     need(r.keep_checkpoints >= 1, "ray.keep_checkpoints", f"must be >= 1, got {r.keep_checkpoints}")
+    need(r.save_on_sigterm_s >= 0, "ray.save_on_sigterm_s", f"must be >= 0 (seconds; 0 = no save), got {r.save_on_sigterm_s}")
     need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     need(bool(d.train_shards), "data.train_shards", "is empty: point it at the training shards "

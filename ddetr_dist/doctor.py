@@ -18,6 +18,8 @@ import sysconfig
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ddetr_dist.storage import Store, StoreError, is_uri
+
 MOUNTS_FILE = "/proc/mounts"
 SHARED_FS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "ceph", "cephfs", "glusterfs", "cifs", "smb3", "wekafs"}
 LOCAL_FS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "overlay", "tmpfs", "ramfs", "vfat"}
@@ -218,10 +220,15 @@ def mount_of(path: str) -> tuple[str, str]:
 
 
 def output_dir_state(path: str, nodes: int, problems: list[str]) -> dict:
-    if not path or "://" in path:
-        if path:
-            problems.append(f"output_dir {path}: cloud URIs are not supported for the run directory yet")
-        return {"path": path, "note": "a URI" if path else "not given (--output-dir)"}
+    if not path:
+        return {"path": path, "note": "not given (--output-dir)"}
+    if is_uri(path):  # object storage: can this machine write there (credentials, bucket, endpoint)
+        try:
+            Store(path).check_writable("output_dir")
+        except StoreError as error:
+            problems.append(str(error))
+            return {"path": path, "note": "object storage, not writable from here"}
+        return {"path": path, "note": "object storage, writable from here"}
     real = os.path.realpath(path)
     mount, fs = mount_of(real)
     kind = "shared" if fs in SHARED_FS else "local" if fs in LOCAL_FS else "unknown"

@@ -3,13 +3,14 @@
   ddetr eval --checkpoint PATH [--config FILE] [--out DIR] [section.key=value ...]
 
 PATH: a released official checkpoint, our model_final.pth, a run directory (its newest
-checkpoint) or one checkpoint folder. The config: --config, else the run's config.yaml,
-else configs/demo.yaml; the model's shape comes from the checkpoint. One process, or Ray
-workers when ray.num_workers > 1 (each evaluates its share; rank 0 scores and sends the
-results back through Ray; the workers read the checkpoint and the data, so on a cluster
-those must be on shared storage, as for training). Prints the AP table; writes
-detections.json (COCO results) and metrics.json into --out on this machine (default: the
-run's eval/<name>/, else ./eval-<checkpoint name>/).
+checkpoint) or one checkpoint folder; on disk or in object storage (s3://..., fetched
+first). The config: --config, else the run's config.yaml, else configs/demo.yaml; the
+model's shape comes from the checkpoint. One process, or Ray workers when ray.num_workers > 1
+(each evaluates its share; rank 0 scores and sends the results back through Ray; the workers
+read the checkpoint and the data, so on a cluster those must be on shared storage or in
+object storage, as for training). Prints the AP table; writes detections.json (COCO results)
+and metrics.json into --out on this machine (default: the run's eval/<name>/, in the store
+for a run there, else ./eval-<checkpoint name>/).
 
 examples:
   ddetr eval --checkpoint runs/demo-20261125-101500
@@ -27,7 +28,9 @@ import torch
 
 from ddetr_dist.config import DEMO_CONFIG, ConfigError
 from ddetr_dist.engine.run_dir import EvalDir, RunDir
+from ddetr_dist.engine.run_store import RunStore
 from ddetr_dist.models import CheckpointMismatchError
+from ddetr_dist.storage import staged_uri
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                                                                    DEMO_CONFIG)
         if not cfg.data.val_shards:
             raise ConfigError("config key 'data.val_shards' is empty: point it at the shards to evaluate on")
-        if cfg.ray.num_workers > 1:
+        if cfg.ray.worker_range()[1] > 1:  # a run's range of workers (docs/elastic.md): its most
             from ddetr_dist.on_ray.eval_workers import evaluate_on_ray
 
             del model  # the workers load their own
@@ -76,8 +79,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"ddetr eval: {e}", file=sys.stderr)
         return 2
     files = EvalDir(out_dir)
-    print(f"{weights}: {result.metrics['images']} images, {result.metrics['detections']} detections\n"
-          f"{result.table()}\n-> {files.detections}, {files.metrics.name}")
+    shown = str(files.detections)
+    if run_dir is not None and not args.out and staged_uri(run_dir):  # a run in object storage: results go there
+        run = RunDir(run_dir, store_uri=staged_uri(run_dir))
+        RunStore(run).push()
+        shown = run.uri_of(files.detections)
+    print(f"{staged_uri(weights) or weights}: {result.metrics['images']} images, {result.metrics['detections']} "
+          f"detections\n{result.table()}\n-> {shown}, {files.metrics.name}")
     return 0
 
 

@@ -8,6 +8,8 @@ data/demo first if missing). The run directory is <output_dir>/<name>/: config.y
 deepspeed_config.json, metrics.jsonl, Ray's checkpoints and, at the end, model_final.pth
 (official parameter names). The same name resumes from its newest checkpoint (also a
 finished run given a larger train.max_steps or optim.epochs); a new name starts fresh.
+output_dir may be object storage (s3://bucket/prefix, gs://..., credentials on every node:
+docs/object-storage.md); nothing then needs a shared file system.
 
 config sections (every key: ddetr_dist/config.py; files: configs/):
   model  the detector (backbone_depth, hidden_dim, layers, queries, with_box_refine, two_stage,
@@ -18,12 +20,14 @@ config sections (every key: ddetr_dist/config.py; files: configs/):
   train  max_steps, precision (fp32/bf16/fp16; fp16 with zero_stage 0 only), zero_stage (0-3),
          grad_accum, loss_scale_power/loss_scale_window (fp16), checkpoint_every_steps,
          log_every_steps, max_bad_steps
-  ray    address, num_workers, use_gpu, cpus_per_worker, max_failures, keep_checkpoints
+  ray    address, num_workers (a number, or a range 2-4: elastic), use_gpu, cpus_per_worker,
+         max_failures, keep_checkpoints, resize_check_s
 
 examples:
   ddetr train                                              # the demo, 2 workers on this machine
   ddetr train --config configs/base.yaml name=r50 ray.num_workers=8 train.precision=bf16
   ddetr train --config configs/demo.yaml train.zero_stage=2 train.max_steps=200
+  ddetr train --config configs/base.yaml name=r50 output_dir=s3://my-bucket/runs   # object storage
   ddetr train --config configs/finetune.yaml model.init_checkpoint=r50_deformable_detr-checkpoint.pth  # docs/finetuning.md
   RAY_ADDRESS=ray://head:10001 ddetr train --config configs/box_refine.yaml   # an existing cluster
   ray job submit --working-dir . -- ddetr train --config configs/base.yaml    # as a Ray job
@@ -51,11 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ddetr_dist.on_ray.driver import TrainingFailed, train
+    from ddetr_dist.on_ray.preemption import TrainingStopped
 
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
         if args.print_run_dir:
-            print(RunDir.of(cfg))
+            print(RunDir.of(cfg).where)
             return 0
         if args.config is None:
             from ddetr_dist.data.demo import ensure_demo_data
@@ -68,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingFailed as e:
         print(f"ddetr train: {e}", file=sys.stderr)
         return 1
+    except TrainingStopped as e:  # SIGTERM, after saving: what a shell reports for SIGTERM
+        print(f"ddetr train: {e}", file=sys.stderr)
+        return 143
     print(summary(result))
     return 0
 
@@ -79,7 +87,7 @@ def summary(result) -> str:
     from ddetr_dist.engine.evaluate import EvalResult
 
     m, run_dir = result.metrics, RunDir(result.run_dir)
-    lines = [f"done: {run_dir}"]
+    lines = [f"done: {run_dir.where}"]
     if m:
         lines.append(f"  last step {m['step']}: loss {m['loss']:.4f}, {m['images_per_s']:.1f} images/s")
     evals = run_dir.step_evaluations()  # the train loop's, not `ddetr eval`'s
@@ -88,9 +96,9 @@ def summary(result) -> str:
         saved = json.loads(evals[step].metrics.read_text())
         lines += [f"  evaluation at step {step} ({saved['metrics']['images']} val images):",
                   EvalResult(saved["metrics"], saved["per_category_AP"]).table(),
-                  f"  predictions drawn: {evals[step].predictions}"]
-    lines += [f"  model: {result.model_final}", f"  metrics: {run_dir.metrics}",
-              f"  TensorBoard: tensorboard --logdir {run_dir.tensorboard}"]
+                  f"  predictions drawn: {run_dir.uri_of(evals[step].predictions)}"]
+    lines += [f"  model: {result.model_final}", f"  metrics: {run_dir.uri_of(run_dir.metrics)}",
+              f"  TensorBoard: tensorboard --logdir {run_dir.uri_of(run_dir.tensorboard)}"]
     threshold = detection_threshold(evals[max(evals)].detections) if evals else None
     lines += ["  its detections, drawn into predictions/ (any images of your own, too):",
               "    " + predict_command(run_dir, result.model_final, threshold)]

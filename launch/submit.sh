@@ -25,8 +25,9 @@
 #   DDETR_ENV          extra environment variables for the job, "KEY=VALUE KEY2=VALUE2"
 #   DDETR_PYTHON       the cluster's Python (default: python)
 #
-# output_dir must be a path every node mounts (NFS, Lustre, EFS): rank 0 writes metrics,
-# TensorBoard and model_final.pth there and every rank its checkpoint shard.
+# output_dir must be a path every node mounts (NFS, Lustre, EFS) or object storage
+# (s3://bucket/prefix, with credentials on every node: docs/object-storage.md): rank 0 writes
+# metrics, TensorBoard and model_final.pth there and every rank its checkpoint shard.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 

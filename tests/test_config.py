@@ -90,10 +90,8 @@ def test_exponent_floats_without_a_dot_are_floats():
     ("optim.lr=-1", "'optim.lr': must be > 0"),
     ("data.train_shards=", "'data.train_shards': is empty"),
     ("name=a/b", "'name': must be a plain directory name"),
-    # object storage is not a run directory yet: never a local folder named 's3:/bkt/runs'
-    ("output_dir=s3://bkt/runs", "'output_dir': = 's3://bkt/runs' is a URI"),
-    ("output_dir=s3:/bkt/runs", "'output_dir': = 's3:/bkt/runs' is a URI"),
-    ("output_dir=gs://bkt/runs", "object storage is not supported for the run directory yet"),
+    # never a local folder named 's3:/bkt/runs' (more in test_storage.py)
+    ("output_dir=s3:/bkt/runs", "'output_dir': = 's3:/bkt/runs' looks like a URI that lost a '/'"),
 ])
 def test_impossible_training_values_name_the_key(override, message):
     from ddetr_dist.config import check_training_config
@@ -182,8 +180,9 @@ def test_the_typed_reader_reads_any_dataclass_naming_the_key():
         assert message in str(error.value)
 
 
-@pytest.mark.parametrize("output_dir", ["runs", "/shared/runs", "~/runs", "./s3-copies/runs", "runs:2026"])
-def test_file_system_output_dirs_are_accepted(output_dir):
+@pytest.mark.parametrize("output_dir", ["runs", "/shared/runs", "~/runs", "./s3-copies/runs", "runs:2026",
+                                        "s3://bkt/runs", "gs://bkt/runs"])
+def test_file_system_and_object_storage_output_dirs_are_accepted(output_dir):
     from ddetr_dist.config import check_training_config
 
     check_training_config(load_config(None, ["data.train_shards=x", f"output_dir={output_dir}", "model.backbone_norm=bn",

@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ddetr_dist"
 # lowest first; a part may import only from parts on lower lines
 LAYERS = [
     {"atomic", "errors", "console"},
+    {"storage"},  # object storage through pyarrow's file systems (no run, no config)
     {"config", "comm"},  # the config tree; torch.distributed helpers (no Ray)
     {"ops", "data"},  # the attention op; shards and loaders
     {"models"},  # the detector, its loss and checkpoints

@@ -2,11 +2,13 @@
 run directory for runs without Ray (tests, the benchmark, a notebook). Ray's own is in
 `ddetr_dist.on_ray.worker`.
 
-Saving reads top to bottom in the loop:
+Saving reads top to bottom in the loop (Trainer.save_checkpoint):
 
-    with checkpointer.saving(step, metrics) as folder:   # a folder for this rank's files
-        train_state.save(folder, ...)                    # every rank writes its part
-    # here the folder has become the run's checkpoint of `step`, with `metrics` attached
+    folder = checkpointer.folder(step)                      # this rank's folder for its files
+    rest = train_state.snapshot(folder, ...)                # collective: RNG files, a CPU copy of the state
+    writer.submit(step, lambda: (rest(), checkpointer.register(folder, step, metrics)))
+    # in the background (engine/checkpoint_writer.py): portable.pt, meta.json last, and only
+    # then does the folder become the run's checkpoint of `step`, with `metrics` attached
 """
 from __future__ import annotations
 
@@ -24,12 +26,18 @@ class Checkpointer(Protocol):
     def latest(self) -> ContextManager[Optional[Path]]:
         """The checkpoint to resume from (a directory), or None."""
 
-    def saving(self, step: int, metrics: dict) -> ContextManager[Path]:
-        """Collective: a folder for this rank's files; when the block ends without an error,
-        the folders of all ranks become one checkpoint with `metrics` attached."""
+    def folder(self, step: int) -> Path:
+        """This rank's folder for its files of the checkpoint of `step`."""
+
+    def register(self, folder: Path, step: int, metrics: dict) -> None:
+        """Called by every rank once its files in `folder` are written (meta.json last, on
+        rank 0): the folders of all ranks become one checkpoint with `metrics` attached. It
+        may run in the checkpoint writer's thread while the loop trains on, so it takes no
+        torch.distributed collective (those belong to the loop's thread)."""
 
     def report(self, metrics: dict) -> None:
-        """Collective: metrics without a checkpoint (e.g. an evaluation)."""
+        """Collective: metrics without a checkpoint (e.g. an evaluation); never while a
+        save is pending (the loop waits for it first: reports keep their order)."""
 
 
 class FolderCheckpointer:
@@ -48,12 +56,14 @@ class FolderCheckpointer:
         done = comm.decided_by_rank_0(self._complete)
         yield done[-1] if done else None
 
-    @contextlib.contextmanager
-    def saving(self, step: int, metrics: dict) -> Iterator[Path]:
+    def folder(self, step: int) -> Path:
         folder = self.run_dir.folder_checkpoint(step)
         folder.mkdir(parents=True, exist_ok=True)
-        yield folder
-        comm.barrier()
+        return folder
+
+    def register(self, folder: Path, step: int, metrics: dict) -> None:
+        # meta.json (rank 0's last file) marks the folder complete; rank 0 wrote it after every
+        # rank's files (train_state.snapshot's barrier): older ones can go now, not before
         if comm.get_rank() == 0:
             for old in self._complete()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -12,12 +12,15 @@ skipped too) and clips the still-scaled gradients. The loop runs the loss scale 
 ZeRO-0 (engine/step.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if t.precision in AUTOCAST_DTYPES:
         config["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[t.precision]}
     return config
+
+
+def save_deepspeed_config(config: dict, path: Path) -> None:
+    """The run directory's copy of the JSON the workers run with (rank 0 writes it at each
+    start: with a range of workers, its train_batch_size follows the world size)."""
+    atomic_write_bytes(path, json.dumps(config, indent=1).encode())
 
 
 def import_deepspeed():

@@ -4,26 +4,24 @@ with the config it was trained with when that can be found beside it."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from ddetr_dist.config import Config, ConfigError, load_config
 from ddetr_dist.engine.portable import PORTABLE
 from ddetr_dist.engine.run_dir import RAY_CHECKPOINT_PREFIX, RunDir
+from ddetr_dist.engine.run_store import local_copy, newest_checkpoint
 from ddetr_dist.engine.train_state import META
 from ddetr_dist.models import build_model, load_official_checkpoint
 from ddetr_dist.models.checkpoint import model_state_dict, read_checkpoint
 from ddetr_dist.models.convert import model_config_of
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run directory (Ray's or the folder form)."""
-    found = [d for d in RunDir(run_dir).checkpoint_folders() if (d / META).is_file() and (d / PORTABLE).is_file()]
-    return max(found, key=lambda d: json.loads((d / META).read_text())["step"], default=None)
+from ddetr_dist.storage import is_uri
 
 
 def resolve_weights(path: str | Path) -> tuple[Path, Path | None]:
-    """-> (the weights file, the run directory it belongs to or None)."""
+    """-> (the weights file, the run directory it belongs to or None). A URI (object
+    storage) is fetched into this node's working copy first (engine/run_store.py)."""
+    if is_uri(path):
+        path = local_copy(path)
     path = Path(path)
     if path.is_dir():
         if (path / PORTABLE).is_file():  # one checkpoint folder

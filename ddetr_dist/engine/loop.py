@@ -6,9 +6,11 @@ It knows nothing of Ray: `ddetr_dist.on_ray.worker` runs it inside a Ray Train w
 benchmark in one plain process. Read `fit` top to bottom; each job it hands off has its own file
 in engine/: step.py (one optimizer step: `train.grad_accum` batches through DeepSpeed,
 non-finite numbers in it), bad_steps.py (what a skipped step means), metrics_window.py (the
-numbers of the log lines), checkpoint_policy.py (when to save), train_state.py and resume.py
+numbers of the log lines), checkpoint_policy.py (when to save), checkpoint_writer.py (saves
+written in the background), train_state.py and resume.py
 (what a checkpoint holds, where a resume continues), init_weights.py (fine-tuning's start),
-eval_hook.py, final_outputs.py (model_final.pth), run_dir.py (the run's paths).
+eval_hook.py, final_outputs.py (the run's end: model_final.pth), run_dir.py (the run's paths)
+and run_store.py (its copy in object storage).
 
 Run-level decisions that precede a collective (resume from which checkpoint and how,
 evaluate or not, save or not) are taken on rank 0 and broadcast: ranks reading files on
@@ -16,7 +18,6 @@ their own can disagree (NFS) and leave one waiting in a collective the others sk
 """
 from __future__ import annotations
 
-import logging
 import random
 from pathlib import Path
 from typing import Callable
@@ -30,25 +31,26 @@ from ddetr_dist import comm
 from ddetr_dist.console import without_library_prints
 from ddetr_dist.engine import train_state
 from ddetr_dist.engine.bad_steps import count_step
-from ddetr_dist.engine.checkpoint_policy import CheckpointPolicy
+from ddetr_dist.engine.checkpoint_policy import CheckpointPolicy, NoticeSource, no_notices
+from ddetr_dist.engine.checkpoint_writer import CheckpointWriter
 from ddetr_dist.engine.checkpointers import Checkpointer
 from ddetr_dist.engine.deepspeed_config import bind_deepspeed_to, deepspeed_config, import_deepspeed
 from ddetr_dist.engine.eval_hook import EvalHook
 from ddetr_dist.engine.faults import InjectedFaults
-from ddetr_dist.engine.final_outputs import write_final_metrics, write_final_model
+from ddetr_dist.engine.final_outputs import finish_run
 from ddetr_dist.engine.init_weights import load_init_checkpoint, with_classes_of_data
 from ddetr_dist.engine.metrics import MetricsLog
 from ddetr_dist.engine.metrics_window import MetricsWindow
 from ddetr_dist.engine.optim import build_optimizer, set_learning_rates
-from ddetr_dist.engine.portable import load_portable_model, load_portable_optimizer
-from ddetr_dist.engine.resume import plan_resume, resumed_progress
+from ddetr_dist.engine.portable import load_portable_model
+from ddetr_dist.engine.resume import plan_resume, resume_into
 from ddetr_dist.engine.run_dir import RunDir
+from ddetr_dist.engine.run_store import PUSH_EVERY_S, RunStore
 from ddetr_dist.engine.step import StepResult, WindowStep, install_loss_scaler
-from ddetr_dist.engine.tensorboard import TensorBoardSink, flat_hparams
+from ddetr_dist.engine.tensorboard import TensorBoardSink
 from ddetr_dist.engine.train_state import Progress
+from ddetr_dist.engine.world_size import record_world_size
 from ddetr_dist.models import build_model
-
-log = logging.getLogger("ddetr_dist.train")
 
 # tqdm-like: called with total=, initial=, desc=; has update(n), set_description(text), close()
 ProgressBar = Callable[..., object]
@@ -64,16 +66,22 @@ class Trainer:
     """One worker's training: `Trainer(cfg, run_dir, checkpointer).fit()`."""
 
     def __init__(self, cfg: Config, run_dir: Path | RunDir, checkpointer: Checkpointer,
-                 device: torch.device | None = None, progress_bar: ProgressBar | None = None):
+                 device: torch.device | None = None, progress_bar: ProgressBar | None = None,
+                 notices: NoticeSource = no_notices):
         import_deepspeed()  # the engine's dependency, not the model's
         self.cfg, self.run_dir, self.checkpointer = cfg, RunDir(run_dir), checkpointer
         self.device = device or torch.device("cpu")
         self.rank, self.world_size = comm.get_rank(), comm.get_world_size()
         self.metrics = MetricsLog(self.run_dir.metrics, enabled=self.rank == 0)
+        # rank 0's run directory (in object storage: its working copy, pushed after each save)
+        self.run_store = RunStore.opened_by_rank_0(self.run_dir) if self.rank == 0 else None
         self.progress_bar = progress_bar  # None: log lines only
         self.faults = InjectedFaults()
+        # notices: what the runner hears from outside (a node's preemption, SIGTERM): save now
         self.checkpoints = CheckpointPolicy(cfg.train.checkpoint_every_steps, self.run_dir.checkpoint_request,
-                                            self.metrics)
+                                            self.metrics, notices)
+        # saves write in the background; the loop waits for a CPU copy of the state only
+        self.checkpoint_writes = CheckpointWriter(background=cfg.train.async_checkpoint, on_complete=self._saved)
         self.lrs: dict[str, float] = {}
         self.last_step = StepResult(applied=False)
         self.ds_config = deepspeed_config(cfg, self.world_size)  # refuses what DeepSpeed cannot do
@@ -128,21 +136,12 @@ class Trainer:
         self.loss_scaler = install_loss_scaler(self.engine, self.device, cfg.train.loss_scale_power,
                                                cfg.train.loss_scale_window) if cfg.train.precision == "fp16" else None
         if saved is not None:
-            self._resume(resume_dir, saved, changed, portable)
+            resume_into(self, resume_dir, saved, changed, portable)  # optimizer state, RNG, progress, log
         else:  # a group restarted before any checkpoint was registered starts over: so does its log
             self.metrics.truncate_after(0)
-
-    def _resume(self, resume_dir: Path, saved: Progress, changed: list[str], portable: dict | None) -> None:
-        load_portable_optimizer(portable, self.engine, self.optimizer, self.cfg.train.zero_stage)
-        if not changed:  # after the optimizer's warm-up step, though that draws no random number
-            train_state.restore_rng(resume_dir)
-        self.progress = resumed_progress(resume_dir, saved, changed, self.progress, self.cfg.train.grad_accum,
-                                         self.batches_per_step_epoch)
-        if self.loss_scaler is not None and saved.loss_scaler:
-            self.loss_scaler.load_state_dict(saved.loss_scaler)
-        self.metrics.truncate_after(saved.step)
-        self.metrics.emit({"event": "resume", "step": saved.step, "epoch": saved.epoch, "from": str(resume_dir),
-                           "exact": not changed, "changed": changed, "from_world_size": saved.world_size})
+        # every start: its world size, global batch and lr rule, and the DeepSpeed JSON it runs with
+        record_world_size(self.metrics, self.cfg, self.world_size, self.progress, self.steps_per_epoch,
+                          saved.world_size if saved is not None else None, self.ds_config, self.run_dir)
 
     # ------------------------------------------------------------------ the loop
 
@@ -151,12 +150,16 @@ class Trainer:
         says; then evaluate and write model_final.pth."""
         p = self.progress
         self.engine.train()
-        while p.step < self.total_steps:
-            self.loader.set_epoch(p.epoch, skip_batches=p.batches_in_epoch)
-            self._train_epoch()
-            if p.batches_in_epoch >= self.batches_per_step_epoch:
-                self._end_epoch()
-        self._finish()
+        try:
+            while p.step < self.total_steps:
+                self.loader.set_epoch(p.epoch, skip_batches=p.batches_in_epoch)
+                self._train_epoch()
+                if p.batches_in_epoch >= self.batches_per_step_epoch:
+                    self._end_epoch()
+                    self.checkpoints.stop_if_asked(p, self.total_steps)
+            finish_run(self)  # the last evaluation and checkpoint, model_final.pth, the summary
+        finally:  # a pending save completes before the worker leaves (StopAfterSave: the one it stops for)
+            self.checkpoint_writes.wait()
         return p
 
     @property
@@ -177,6 +180,7 @@ class Trainer:
                 if len(window) < k:
                     break  # the loader ended early (it yields whole epochs of whole steps)
                 self._optimizer_step(window)
+                self.checkpoint_writes.poll()  # a save that completed is recorded; one that failed ends the run
                 p.batches_in_epoch += len(window)
                 if bar is not None:
                     bar.update(len(window))
@@ -185,6 +189,7 @@ class Trainer:
                 at_end = p.step >= self.total_steps or p.batches_in_epoch >= self.batches_per_step_epoch
                 if self.checkpoints.after_step(p, at_end):
                     self.save_checkpoint({})
+                self.checkpoints.stop_if_asked(p, self.total_steps)
             self.window.close()
         finally:
             if bar is not None:
@@ -206,6 +211,8 @@ class Trainer:
         if record is None:  # every step since the last line was skipped (and logged as such)
             return
         self.metrics.emit(record)
+        if self.run_store is not None:
+            self.run_store.push(every_s=PUSH_EVERY_S)
         if bar is not None:
             bar.set_description(f"epoch {record['epoch']} loss {record['loss']:.3f} {record['images_per_s']:.1f} img/s")
 
@@ -215,35 +222,23 @@ class Trainer:
         p.epoch, p.batches_in_epoch = p.epoch + 1, 0
         metrics = {"epoch_finished": finished}
         if self.eval_hook.due(finished):
+            self.checkpoint_writes.wait()  # a pending save completes before an evaluation
             metrics.update(self.eval_hook(p.step, p.epoch))
         if self.checkpoints.at_epoch_end():
             self.save_checkpoint(metrics)
 
     def save_checkpoint(self, metrics: dict) -> None:
-        """Collective: every rank writes its part; the checkpointer makes them one checkpoint."""
+        """Collective: every rank takes its part of the state (a CPU copy: the loop's stall);
+        the files are written and registered in the background (engine/checkpoint_writer.py)."""
         p = self.progress
         p.loss_scaler = self.loss_scaler.state_dict() if self.loss_scaler is not None else None
-        with self.checkpointer.saving(p.step, {"step": p.step, "epoch": p.epoch, **metrics}) as folder:
-            train_state.save(folder, self.engine, self.optimizer, p)
+        self.checkpoint_writes.save(self.checkpointer, self.engine, self.optimizer, p,
+                                    {"step": p.step, "epoch": p.epoch, **metrics})
         self.checkpoints.saved(p.step)
-        self.metrics.emit({"event": "checkpoint", "step": p.step, "epoch": p.epoch})
 
-    def _finish(self) -> None:
-        """The last evaluation and checkpoint (unless done at this step), model_final.pth,
-        final_metrics.json, TensorBoard's hparams."""
-        p = self.progress
-        final = {}
-        if self.eval_hook.enabled and not self.eval_hook.done_at(p.step):
-            final = self.eval_hook(p.step, p.epoch)
-        if self.checkpoints.at_finish(p.step):
-            self.save_checkpoint(final)
-        elif final:
-            self.checkpointer.report({"step": p.step, "epoch": p.epoch, **final})
-        write_final_model(self.run_dir.final_model, self.engine, self.optimizer, self.cfg, p, self.metrics,
-                          self.loader.skips.total)
-        if self.rank == 0:
-            write_final_metrics(self.run_dir.final_metrics, p, final)
-        if self.tensorboard is not None:
-            self.tensorboard.add_hparams(flat_hparams(self.cfg), final or {"step": p.step})
-            self.tensorboard.close()
-            log.info("TensorBoard: tensorboard --logdir %s", self.tensorboard.log_dir)
+    def _saved(self, saved: dict, stall_s: float, write_s: float) -> None:
+        """A checkpoint is complete and registered: its record, then the store's copy of the run."""
+        self.metrics.emit({"event": "checkpoint", "step": saved["step"], "epoch": saved["epoch"],
+                           "stall_s": round(stall_s, 4), "write_s": round(write_s, 3)})
+        if self.run_store is not None:
+            self.run_store.push()

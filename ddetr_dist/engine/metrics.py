@@ -14,6 +14,7 @@ import torch
 
 from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.engine.run_dir import RunDir
+from ddetr_dist.engine.world_size import world_size_line
 
 log = logging.getLogger("ddetr_dist.train")
 
@@ -88,6 +89,11 @@ def console_line(record: dict) -> str | None:
         return f"checkpoint saved at step {record['step']}"
     if event == "checkpoint_requested":
         return f"checkpoint requested: saving at step {record['step']}"
+    if event == "notice":  # engine/checkpoint_policy.py's Notice
+        then = "then stopping" if record.get("stop") else "then going on"
+        return f"{record['source']} notice: {record['detail']}; saving at step {record['step']}, {then}"
+    if event == "world_size":  # engine/world_size.py
+        return world_size_line(record)
     if event == "resume":
         changed = f" (changed: {record['changed']})" if record.get("changed") else ""
         return f"resumed at step {record['step']} (epoch {record['epoch']}) from {record['from']}{changed}"

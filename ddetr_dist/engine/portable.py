@@ -15,9 +15,19 @@ PORTABLE = "portable.pt"
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def _own_cpu_copy(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`value` (fp32, on the CPU) as a tensor nobody else writes to. On a CPU run
+    `.float().cpu()` hands back the live parameter or moment itself; a checkpoint written in
+    the background (engine/checkpoint_writer.py) while the next steps update it in place
+    would mix steps. A copy made on the way (a GPU tensor, a ZeRO gather) is not copied again."""
+    if value.data_ptr() == source.data_ptr() or value._base is not None:
+        return value.clone()
+    return value
+
+
 def _full_param(p: torch.nn.Parameter) -> torch.Tensor:
     """The whole fp32 value of a parameter, however DeepSpeed partitioned it (collective
-    under ZeRO: every rank calls this for every parameter in the same order)."""
+    under ZeRO: every rank calls this for every parameter in the same order); a private copy."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     full = safe_get_full_fp32_param(p) if p.requires_grad else None
@@ -26,7 +36,7 @@ def _full_param(p: torch.nn.Parameter) -> torch.Tensor:
 
         with deepspeed.zero.GatheredParameters([p]):
             full = p.detach().clone()
-    return (full if full is not None else p.detach()).float().cpu()
+    return _own_cpu_copy((full if full is not None else p.detach()).float().cpu(), p)
 
 
 def _full_optimizer_state(p: torch.nn.Parameter, optimizer: torch.optim.Optimizer, zero_stage: int) -> dict:
@@ -34,12 +44,12 @@ def _full_optimizer_state(p: torch.nn.Parameter, optimizer: torch.optim.Optimize
 
     if zero_stage == 0:
         state = optimizer.state.get(p, {})
-        return {k: state[k].detach().float().cpu() for k in ADAM_STATE_KEYS if k in state}
+        return {k: _own_cpu_copy(state[k].detach().float().cpu(), state[k]) for k in ADAM_STATE_KEYS if k in state}
     out = {}
     for key in ADAM_STATE_KEYS:
         value = safe_get_full_optimizer_state(p, key)
         if value is not None:
-            out[key] = value.float().cpu()
+            out[key] = _own_cpu_copy(value.float().cpu(), value)
     return out
 
 
@@ -61,33 +71,103 @@ def relink_optimizer_fragments(engine) -> None:
         zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def portable_state(engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> dict | None:
-    """World-size-free model + optimizer state; collective, the result on rank 0 only."""
+class PortableSnapshot:
+    """The portable state as it was at one step, on the CPU, taken by `snapshot_portable`.
+    Under ZeRO-1/2 each rank holds only its own fragments of the fp32 parameters and AdamW
+    moments (a copy of 1/world of them: quick, no collective); `assemble` sums them onto
+    rank 0 in one collective on the CPU group (comm.cpu_group) instead of DeepSpeed's one
+    per parameter and state, so it may run in a checkpoint's background thread."""
+
+    FLAT_KEYS = (None,) + ADAM_STATE_KEYS  # segments of the flat buffer: fp32 value, then each moment
+
+    def __init__(self, names: list[str], adam_step: int):
+        self.names = names  # the state dict's keys, in the official order
+        self.model: dict[str, torch.Tensor] = {}  # rank 0: values copied whole (buffers, ZeRO-0, ZeRO-3)
+        self.adam: dict[str, dict] = {}
+        self.adam_step = adam_step
+        self.layout: dict[str, tuple[int, torch.Size, bool]] = {}  # ZeRO-1/2: name -> (offset, shape, with adam)
+        self.fragments: list[tuple[int, int, torch.Tensor]] = []  # (segment, offset, this rank's piece)
+        self.flat_numel = 0
+
+    def add_fragments(self, name: str, p: torch.nn.Parameter, with_adam: bool) -> None:
+        """This rank's fragments of ZeRO-1/2 parameter `p` (DeepSpeed's `_hp_mapping`)."""
+        self.layout[name] = (self.flat_numel, p.shape, with_adam)
+        mapping = p._hp_mapping
+        if mapping is not None:  # else the other ranks hold all of it
+            start = self.flat_numel + mapping.lp_fragment_address.start
+            for segment, key in enumerate(self.FLAT_KEYS):
+                piece = mapping.get_hp_fragment(key).detach()
+                self.fragments.append((segment, start, _own_cpu_copy(piece.float().cpu().flatten(), piece)))
+        self.flat_numel += p.numel()
+
+    def assemble(self, group=None) -> dict | None:
+        """Collective on `group` when there are fragments: -> {'model', 'adam', 'adam_step'}
+        on rank 0, None elsewhere."""
+        model, adam = dict(self.model), dict(self.adam)
+        if self.layout:
+            n = self.flat_numel
+            flat = comm.cpu_group_zeros(len(self.FLAT_KEYS) * n)
+            for segment, start, piece in self.fragments:
+                flat[segment * n + start:segment * n + start + piece.numel()] = piece
+            self.fragments = []
+            comm.reduce_sum_to_rank_0_(flat, group if group is not None else comm.cpu_group())
+            if comm.get_rank() != 0:
+                return None
+            for name, (offset, shape, with_adam) in self.layout.items():
+                # clones: a view would save the whole flat buffer with each tensor
+                def value(segment: int) -> torch.Tensor:
+                    begin = segment * n + offset
+                    return flat[begin:begin + shape.numel()].view(shape).clone()
+
+                model[name] = value(0)
+                if with_adam:
+                    adam[name] = {key: value(i + 1) for i, key in enumerate(ADAM_STATE_KEYS)}
+        if comm.get_rank() != 0:
+            return None
+        return {"model": {name: model[name] for name in self.names}, "adam": adam, "adam_step": self.adam_step}
+
+
+def snapshot_portable(engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> PortableSnapshot:
+    """The part of `portable_state` the training must wait for. Collective under ZeRO-3 only
+    (its parameters are gathered here); ZeRO-1/2 keep this rank's fragments for `assemble`."""
     rank0 = comm.get_rank() == 0
     module = engine.module
     relink_optimizer_fragments(engine)
     own = module.state_dict()  # the keys (and buffers) in the official order
-    # shared heads appear under several keys: gather each parameter once
+    snap = PortableSnapshot(list(own), _optimizer_step_count(optimizer))
+    # shared heads appear under several keys: take each parameter once
     params = dict(module.named_parameters(remove_duplicate=False))
-    gathered: dict[int, torch.Tensor] = {}
-    model, adam = {}, {}
+    first_name: dict[int, str] = {}
     for name in own:
         p = params.get(name)
+        if p is not None and id(p) in first_name:
+            shared = first_name[id(p)]
+            if shared in snap.layout:
+                snap.layout[name] = snap.layout[shared][:2] + (False,)
+            elif rank0:
+                snap.model[name] = snap.model[shared]
+            continue
         if p is None:  # a buffer
-            value = own[name].detach().cpu()
-        elif id(p) in gathered:
-            value = gathered[id(p)]
-        else:
-            value = gathered[id(p)] = _full_param(p)
-            if p.requires_grad:
-                state = _full_optimizer_state(p, optimizer, zero_stage)
-                if state and rank0:
-                    adam[name] = state
+            if rank0:
+                snap.model[name] = _own_cpu_copy(own[name].detach().cpu(), own[name])
+            continue
+        first_name[id(p)] = name
+        if p.requires_grad and zero_stage in (1, 2) and hasattr(p, "_hp_mapping"):
+            snap.add_fragments(name, p, with_adam=True)
+            continue
+        value = _full_param(p)
+        state = _full_optimizer_state(p, optimizer, zero_stage) if p.requires_grad else {}
         if rank0:
-            model[name] = value.clone()
-    if not rank0:
-        return None
-    return {"model": model, "adam": adam, "adam_step": _optimizer_step_count(optimizer)}
+            snap.model[name] = value
+            if state:
+                snap.adam[name] = state
+    return snap
+
+
+def portable_state(engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> dict | None:
+    """World-size-free model + optimizer state; collective, the result on rank 0 only. Every
+    tensor in it is a CPU copy of its own: the training may go on while it is written."""
+    return snapshot_portable(engine, optimizer, zero_stage).assemble()
 
 
 def load_portable_model(directory: Path, module: torch.nn.Module) -> dict:

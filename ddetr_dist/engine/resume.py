@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from ddetr_dist.engine import train_state
+from ddetr_dist.engine.portable import load_portable_optimizer
 from ddetr_dist.engine.train_state import Progress
 
 log = logging.getLogger("ddetr_dist.train")
@@ -48,3 +49,19 @@ def resumed_progress(resume_dir: Path, saved: Progress, changed: list[str], now:
         now, step=saved.step, epoch=saved.epoch, batches_in_epoch=batches_in_epoch,
         skipped_steps=saved.skipped_steps, overflow_steps=saved.overflow_steps,
         bad_steps_in_a_row=saved.bad_steps_in_a_row, samples_seen=saved.samples_seen)
+
+
+def resume_into(t, resume_dir: Path, saved: Progress, changed: list[str], portable: dict | None) -> None:
+    """The Trainer `t` (engine/loop.py), its engine built from the checkpoint's weights, continues the run:
+    AdamW's state, every RNG (an exact resume), the progress, the fp16 loss scale, and the
+    log cut back to the checkpoint (the steps after it are redone)."""
+    load_portable_optimizer(portable, t.engine, t.optimizer, t.cfg.train.zero_stage)
+    if not changed:  # after the optimizer's warm-up step, though that draws no random number
+        train_state.restore_rng(resume_dir)
+    t.progress = resumed_progress(resume_dir, saved, changed, t.progress, t.cfg.train.grad_accum,
+                                  t.batches_per_step_epoch)
+    if t.loss_scaler is not None and saved.loss_scaler:
+        t.loss_scaler.load_state_dict(saved.loss_scaler)
+    t.metrics.truncate_after(saved.step)
+    t.metrics.emit({"event": "resume", "step": saved.step, "epoch": saved.epoch, "from": str(resume_dir),
+                    "exact": not changed, "changed": changed, "from_world_size": saved.world_size})

@@ -16,12 +16,19 @@
 
 Ray adds its own files (its run snapshot, checkpoint_manager_snapshot.json). What is inside
 a checkpoint folder is the checkpoint format's business (engine/train_state.py).
+
+With `output_dir` a URI (object storage), the run directory is `<output_dir>/<name>` in the
+store, and `path` is this node's working copy of it (storage.staging_dir): the files above
+are written there and uploaded (engine/run_store.py); Ray uploads its checkpoints itself.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddetr_dist.storage import is_uri, staging_dir
+
+CONFIG = "config.yaml"
 RAY_CHECKPOINT_PREFIX = "checkpoint_"
 FOLDER_CHECKPOINT_PREFIX = "step_"
 
@@ -50,11 +57,15 @@ class EvalDir:
 
 @dataclass(frozen=True)
 class RunDir:
-    """`RunDir(path)` or `RunDir.of(cfg)`; `os.fspath(run_dir)` is the folder itself."""
+    """`RunDir(path)` or `RunDir.of(cfg)`; `os.fspath(run_dir)` is the folder itself (for a run
+    in object storage: this node's working copy; `store_uri` is the run's URI)."""
 
     path: Path
+    store_uri: str = ""  # "": the run directory is `path` itself (a local or shared file system)
 
     def __post_init__(self):
+        if isinstance(self.path, RunDir) and not self.store_uri:
+            object.__setattr__(self, "store_uri", self.path.store_uri)
         object.__setattr__(self, "path", Path(self.path))  # from a str, a Path or another RunDir
 
     def __fspath__(self) -> str:
@@ -63,10 +74,28 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
+    @property
+    def where(self) -> str:
+        """What to tell a person: the run's URI, or its folder."""
+        return self.store_uri or str(self.path)
+
     @classmethod
     def of(cls, cfg) -> "RunDir":
-        """The run directory of a config: <output_dir>/<name>, absolute."""
+        """The run directory of a config: <output_dir>/<name>, absolute (a URI's: this
+        node's working copy, and the URI)."""
+        if is_uri(cfg.output_dir):
+            return cls.at(f"{cfg.output_dir.rstrip('/')}/{cfg.name}")
         return cls(Path(cfg.output_dir).expanduser().resolve() / cfg.name)
+
+    @classmethod
+    def at(cls, where: str) -> "RunDir":
+        """The run directory `where` names (a `where` of another node): a path, or a URI and
+        this node's working copy of it."""
+        return cls(staging_dir(where), store_uri=where) if is_uri(where) else cls(where)
+
+    def uri_of(self, path: Path) -> str:
+        """What to tell a person for a file of the run: its URI in the store, or its path."""
+        return f"{self.store_uri}/{Path(path).relative_to(self.path).as_posix()}" if self.store_uri else str(path)
 
     @classmethod
     def above(cls, path: Path, levels: int = 3) -> "RunDir | None":
@@ -81,7 +110,7 @@ class RunDir:
 
     @property
     def config(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / CONFIG
 
     @property
     def deepspeed_config(self) -> Path:

@@ -19,6 +19,13 @@ Every file of ours is written atomically; meta.json, written last, lists every f
 every rank with its size, so a directory missing a part (a rank's RNG state included) is
 refused by name rather than half-loaded.
 
+A save has two halves. `snapshot` (collective, the loop waits for it) writes each rank's
+RNG state and copies its part of the portable state to the CPU; what it returns assembles
+that on rank 0 (under ZeRO-1/2 one collective on a CPU group of its own, never the loop's)
+and writes portable.pt and then meta.json, so the loop may run it in a background thread
+(engine/checkpoint_writer.py) and train on. The other ranks' files are final before the
+snapshot returns, so meta.json's list is whole when it is written.
+
 "Exact" also needs the same sample order: meta.json records what decides it
 (`data_order`); a resume where any of it changed continues at the same fraction of the
 epoch and names the keys (engine/resume.py decides which). Checkpoints written before
@@ -26,6 +33,7 @@ this format also hold a `deepspeed/` folder; it is listed in their meta.json and
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -38,7 +46,7 @@ import torch
 
 from ddetr_dist.atomic import atomic_open, atomic_write_bytes
 from ddetr_dist import comm
-from ddetr_dist.engine.portable import PORTABLE, portable_state
+from ddetr_dist.engine.portable import PORTABLE, PortableSnapshot, snapshot_portable
 
 META = "meta.json"
 
@@ -147,26 +155,58 @@ def _file_sizes(directory: Path) -> dict[str, int]:
     return sizes
 
 
-def save(directory: Path, engine, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
-    """Every rank writes its part of the checkpoint at `directory` (its own local folder,
-    which Ray merges; or one folder all ranks share). Collective: every rank calls it at the
-    same step."""
+class WrittenLater:
+    """What is left of one rank's save once `snapshot` returned: the portable state is
+    assembled on rank 0 from the ranks' CPU copies (under ZeRO-1/2 one collective on the CPU
+    group, comm.cpu_group, never the loop's), which writes portable.pt, then meta.json. It
+    may run in a thread (engine/checkpoint_writer.py) while the next steps train, every
+    rank's in the order of its saves; calling it is what makes the checkpoint complete."""
+
+    def __init__(self, directory: Path, portable: PortableSnapshot, progress: Progress, other_files: dict[str, int],
+                 group):
+        self.directory, self.portable, self.progress, self.other_files = directory, portable, progress, other_files
+        self.group = group
+
+    def __call__(self) -> None:
+        portable, self.portable = self.portable.assemble(self.group), None  # the copies go once assembled
+        if portable is None:  # not rank 0: its files were written by `snapshot`
+            return
+        with atomic_open(self.directory / PORTABLE) as f:
+            torch.save(portable, f)
+        del portable  # the copy's memory goes as soon as it is on disk
+        self.progress.files = {**self.other_files, PORTABLE: (self.directory / PORTABLE).stat().st_size}
+        # meta.json last: its presence says the rest was written
+        atomic_write_bytes(self.directory / META, json.dumps(asdict(self.progress), indent=1).encode())
+
+
+def snapshot(directory: Path, engine, optimizer: torch.optim.Optimizer, progress: Progress) -> WrittenLater:
+    """The part of a save the training must wait for. Collective: every rank calls it at the
+    same step. Each rank writes its RNG state (small) into `directory` (its own local folder,
+    which Ray merges; or one folder all ranks share); every rank copies its part of the
+    portable state to the CPU (engine/portable.py: snapshot_portable). -> what is left: the
+    state assembled on rank 0, which writes portable.pt, then meta.json."""
     rank = comm.get_rank()
+    if rank == 0:  # a folder saved into before (the same step again): incomplete until rewritten
+        (directory / META).unlink(missing_ok=True)
     average_batchnorm_statistics(engine.module)  # portable.pt holds every rank's mean statistics
     rank_file = rank_state_path(directory, rank)
     rank_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(rank_file) as f:
         torch.save(_rng_state(), f)
-    portable = portable_state(engine, optimizer, progress.zero_stage)
-    if rank == 0:
-        with atomic_open(directory / PORTABLE) as f:
-            torch.save(portable, f)
-    comm.barrier()  # every part written: the sizes listed below are final
+    portable = snapshot_portable(engine, optimizer, progress.zero_stage)
+    group = comm.cpu_group()  # made here, in the loop's thread, the first time (a collective)
+    comm.barrier()  # every rank's RNG state written: the sizes listed below are final
     listed = comm.gather_object(_file_sizes(directory))
-    if rank == 0:
-        progress.files = {path: size for sizes in listed for path, size in sizes.items() if path != META}
-        # meta.json last: its presence says the rest was written
-        atomic_write_bytes(directory / META, json.dumps(asdict(progress), indent=1).encode())
+    others = {path: size for sizes in listed or [] for path, size in sizes.items()
+              if path not in (META, PORTABLE) and not path.endswith(".tmp")}
+    # a copy: the loop's Progress moves on while meta.json waits to be written
+    return WrittenLater(directory, portable, copy.deepcopy(progress), others, group)
+
+
+def save(directory: Path, engine, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
+    """Every rank writes its part of the checkpoint at `directory`, to the end (meta.json
+    on rank 0 last). Collective: every rank calls it at the same step."""
+    snapshot(directory, engine, optimizer, progress)()
 
 
 def check_complete(directory: Path, progress: Progress) -> None:

@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     if args.synthetic:  # random labels: COCO's number of classes unless the config gives one
         return run_synthetic(with_num_classes(cfg, COCO_NUM_CLASSES) if cfg.model.num_classes == AUTO else cfg, args)
     cfg = with_classes_of_data(cfg)  # what `ddetr train` would resolve
-    threads = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    threads = cfg.ray.worker_range()[1] * cfg.ray.cpus_per_worker  # a range: its most
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the one-process paths get the cores the Ray workers share
     print(f"bench train: {args.config}, batch {cfg.data.batch_size}/process, {args.steps} warm-up + {args.steps} "

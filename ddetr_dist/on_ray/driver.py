@@ -19,11 +19,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config, ConfigError, check_training_config, save_config, to_dict
 from ddetr_dist.console import RAY_QUIET_ENV, ray_train_log_level, verbose
 from ddetr_dist.engine.deepspeed_config import check_precision
 from ddetr_dist.engine.run_dir import RunDir
+from ddetr_dist.engine.run_store import RunStore
+from ddetr_dist.storage import Store, StoreError, is_uri
+from ddetr_dist.on_ray.preemption import saving_on_sigterm
+from ddetr_dist.on_ray.placement import check_resources
 from ddetr_dist.on_ray.run_inputs import check_backbone_weights, check_init_checkpoint, with_checked_num_classes
 
 log = logging.getLogger("ddetr_dist.train")
@@ -43,8 +46,8 @@ class TrainingFailed(RuntimeError):
 
 @dataclass
 class RunResult:
-    run_dir: Path
-    model_final: Path
+    run_dir: RunDir
+    model_final: str  # its path, or its URI in object storage
     metrics: dict  # the last training record of metrics.jsonl
 
 
@@ -88,9 +91,17 @@ RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def check_output_dir(cfg: Config) -> None:
-    """In a Ray job that uploaded its code, the working directory is Ray's unpacked copy of
-    that code: a relative `output_dir` would put the run into a cache Ray deletes, and the
-    next submission of changed code (another package) would start over instead of resuming."""
+    """Object storage: writable from here (else ConfigError saying whether the bucket is
+    missing or the credentials were refused). A path: in a Ray job that uploaded its code,
+    the working directory is Ray's unpacked copy of that code: a relative `output_dir` would
+    put the run into a cache Ray deletes, and the next submission of changed code (another
+    package) would start over instead of resuming."""
+    if is_uri(cfg.output_dir):  # object storage: this machine can write there (bucket, credentials)
+        try:
+            Store(cfg.output_dir).check_writable("config key 'output_dir'")
+        except StoreError as e:
+            raise ConfigError(str(e)) from None
+        return
     job = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}")
     uploaded = (job.get("runtime_env") or {}).get("working_dir")
     if uploaded and not Path(cfg.output_dir).expanduser().is_absolute():
@@ -130,61 +141,12 @@ def connect_ray(cfg: Config) -> bool:
     return True
 
 
-def cluster_nodes() -> list[dict]:
-    """The resources of each node that can host workers: the live nodes and, on a cluster
-    with an autoscaler, every node it may add (its node types at their max count, as Ray
-    Train reads them), so that demand it would meet is never refused here."""
-    import ray
-    from ray._private.state import state
-
-    nodes = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
-    try:
-        autoscaler = state.get_cluster_config()  # published by an autoscaler; None on a fixed cluster
-    except Exception:  # noqa: BLE001 - a Ray Client (ray://) driver has no GCS connection: live nodes only
-        autoscaler = None
-    for group in autoscaler.node_group_configs if autoscaler is not None else ():
-        nodes += [dict(group.resources)] * (group.max_count if group.max_count >= 0 else UNBOUNDED_NODES)
-    return nodes
-
-
-UNBOUNDED_NODES = 1000  # an autoscaler node type without a max count
-
-
-def workers_that_fit(nodes: list[dict], cpus: int, gpus: int) -> int:
-    """How many workers of `cpus` CPUs and `gpus` GPUs each the nodes hold (a worker's
-    resources are on one node)."""
-    return sum(min(int(n.get("CPU", 0) // cpus), int(n.get("GPU", 0) // gpus) if gpus else 10 ** 9) for n in nodes)
-
-
-def check_resources(cfg: Config, nodes: list[dict] | None = None) -> bool:
-    """-> whether the workers use GPUs. Fails (naming the keys) when the cluster cannot
-    place the workers, each on one node: Ray Train would otherwise retry starting them
-    forever."""
-    nodes = cluster_nodes() if nodes is None else nodes
-    use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else any(n.get("GPU", 0) >= 1 for n in nodes)
-    r = cfg.ray
-    gpus = 1 if use_gpu else 0
-    fit = workers_that_fit(nodes, r.cpus_per_worker, gpus)
-    if fit < r.num_workers:
-        largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-        asked = f"{r.cpus_per_worker} CPU(s)" + (" and 1 GPU" if use_gpu else "")
-        raise ConfigError(
-            f"config keys 'ray.num_workers' ({r.num_workers}) and 'ray.cpus_per_worker' ({r.cpus_per_worker}): each "
-            f"worker needs {asked} on one node, but the cluster's {len(nodes)} node(s) hold {fit} such worker(s) "
-            f"(the largest has {largest.get('CPU', 0):g} CPUs, {largest.get('GPU', 0):g} GPUs). Lower them"
-            + (", set ray.use_gpu=false," if use_gpu else "") + " or add nodes.")
-    if cfg.train.precision == "fp16" and not use_gpu:
-        raise ConfigError("config key 'train.precision': fp16 needs GPUs; on CPUs use bf16 (or fp32)")
-    return use_gpu
-
-
 def write_run_files(cfg: Config, run_dir: RunDir) -> None:
-    from ddetr_dist.engine.deepspeed_config import deepspeed_config
-
     run_dir.path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir.config)
-    ds = deepspeed_config(cfg, cfg.ray.num_workers)
-    atomic_write_bytes(run_dir.deepspeed_config, json.dumps(ds, indent=1).encode())
+    # deepspeed_config.json: written by the workers (rank 0) at each start, for the world size
+    # they run at (with a range of workers, only they know it)
+    RunStore(run_dir).push()  # object storage: the store has them before any worker starts
 
 
 def check_before_start(cfg: Config) -> Config:
@@ -212,13 +174,19 @@ def train(cfg: Config) -> RunResult:
     started_ray = connect_ray(cfg)
     try:
         use_gpu = check_resources(cfg)
-        resuming = run_dir.metrics.exists()
+        run_store = RunStore(run_dir)
+        resuming = run_store.has(run_dir.metrics)
+        run_store.start_empty()
         write_run_files(cfg, run_dir)
-        log.info("%s run %s (%d workers, ZeRO-%d, %s); follow it with: tensorboard --logdir %s",
-                 "resuming" if resuming else "starting", run_dir, cfg.ray.num_workers, cfg.train.zero_stage,
-                 cfg.train.precision, run_dir.tensorboard)
-        with failures_as_training_failed(run_dir):
-            build_torch_trainer(cfg, run_dir, use_gpu).fit()
+        log.info("%s run %s (%s workers, ZeRO-%d, %s); follow it with: tensorboard --logdir %s",
+                 "resuming" if resuming else "starting", run_dir.where, cfg.ray.num_workers, cfg.train.zero_stage,
+                 cfg.train.precision, run_dir.uri_of(run_dir.tensorboard))
+        trainer = build_torch_trainer(cfg, run_dir, use_gpu)
+        # SIGTERM (`ray job stop`, an evicted pod): the workers save, then TrainingStopped (outside
+        # failures_as_training_failed, which would make it a failure)
+        with saving_on_sigterm(trainer.train_loop_config["run_id"], cfg.ray.save_on_sigterm_s, run_dir.where), \
+                failures_as_training_failed(run_dir):
+            trainer.fit()
     finally:
         if started_ray:
             import ray
@@ -226,15 +194,22 @@ def train(cfg: Config) -> RunResult:
             ray.shutdown()
     from ddetr_dist.engine.metrics import read_metrics
 
+    # object storage: what rank 0 wrote on its node, for the summary
+    run_store.pull(run_dir.metrics, run_dir.final_metrics)
+    run_store.pull_tree(run_dir.evaluations)
     records = [r for r in read_metrics(run_dir) if r.get("event") == "train"]
-    return RunResult(run_dir.path, run_dir.final_model, records[-1] if records else {})
+    return RunResult(run_dir, run_dir.uri_of(run_dir.final_model), records[-1] if records else {})
 
 
 def scaling_config(cfg: Config, use_gpu: bool):
     from ray.train import ScalingConfig
 
     r = cfg.ray
-    return ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu,
+    fewest, most = r.worker_range()
+    # a range: Ray's elastic policy (starts with what fits, restarts smaller after a lost node,
+    # looks for room to grow every resize_check_s; docs/elastic.md)
+    return ScalingConfig(num_workers=(fewest, most) if fewest != most else most, use_gpu=use_gpu,
+                         elastic_resize_monitor_interval_s=r.resize_check_s,
                          resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
 
 
@@ -257,15 +232,21 @@ def build_torch_trainer(cfg: Config, run_dir: Path | RunDir, use_gpu: bool, call
     r, run_dir = cfg.ray, RunDir(run_dir)
     return FailFastTorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "run_id": uuid.uuid4().hex[:8],
+        train_loop_config={"config": to_dict(cfg), "run_dir": run_dir.where, "run_id": uuid.uuid4().hex[:8],
                            "cwd": os.getcwd(), "progress_bars": sys.stderr.isatty(), "versions": versions()},
         torch_config=torch_config(use_gpu),
         scaling_config=scaling_config(cfg, use_gpu),
-        run_config=RunConfig(name=run_dir.path.name, storage_path=str(run_dir.path.parent), callbacks=list(callbacks),
+        run_config=RunConfig(name=run_dir.path.name, storage_path=storage_path(run_dir), callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
                              logging_config=LoggingConfig(log_level=ray_train_log_level())),
     )
+
+
+def storage_path(run_dir: RunDir) -> str:
+    """Ray's storage for the run (`RunConfig(storage_path=..., name=<run name>)`): the folder
+    holding the run directory, or its URI in object storage (Ray uploads checkpoints there)."""
+    return run_dir.store_uri.rsplit("/", 1)[0] if run_dir.store_uri else str(run_dir.path.parent)
 
 
 @contextlib.contextmanager
@@ -280,6 +261,6 @@ def failures_as_training_failed(run_dir: RunDir):
         deterministic = deterministic_failures(e)
         if deterministic:  # the workers' own words
             first = deterministic[0]
-            raise TrainingFailed(f"training run {run_dir} failed, not retried (a restart would fail the same "
+            raise TrainingFailed(f"training run {run_dir.where} failed, not retried (a restart would fail the same "
                                  f"way): {type(first).__name__}: {first}") from e
-        raise TrainingFailed(f"training run {run_dir} failed: {e}") from e
+        raise TrainingFailed(f"training run {run_dir.where} failed: {e}") from e

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ddetr_dist.storage import is_uri, staged_uri
 from ddetr_dist.config import Config, config_from_dict, to_dict
 from ddetr_dist.engine.evaluate import EvalResult, write_results
 from ddetr_dist.errors import InputNotFoundError
@@ -54,8 +55,11 @@ def result_sink():
 
 def load_model(cfg: Config, weights: str):
     """The trained model of `weights` (its shape is in `cfg.model`, read by the driver)."""
+    from ddetr_dist.engine.run_store import local_copy
     from ddetr_dist.models import build_model, load_official_checkpoint
 
+    if is_uri(weights):  # fetched from object storage by the driver: each node fetches its own copy
+        weights = str(local_copy(weights))
     if not Path(weights).is_file():
         raise InputNotFoundError(
             f"checkpoint {weights}: no such file on node {socket.gethostname()}. Every worker reads the checkpoint at "
@@ -92,13 +96,14 @@ def run_workers(cfg: Config, weights: Path) -> dict:
 
     from ddetr_dist.console import ray_train_log_level
 
-    from ddetr_dist.on_ray.driver import check_resources, scaling_config, torch_config
+    from ddetr_dist.on_ray.driver import scaling_config, torch_config
+    from ddetr_dist.on_ray.placement import check_resources
 
     use_gpu = check_resources(cfg)
     sink = result_sink()
     try:
         fit(TorchTrainer(eval_loop_per_worker,
-                         train_loop_config={"config": to_dict(cfg), "weights": str(Path(weights).resolve()),
+                         train_loop_config={"config": to_dict(cfg), "weights": staged_uri(weights) or str(Path(weights).resolve()),
                                             "cwd": os.getcwd(), "sink": sink},
                          torch_config=torch_config(use_gpu), scaling_config=scaling_config(cfg, use_gpu),
                          # Ray's own run files (no checkpoints: the workers never touch it)

@@ -48,8 +48,9 @@ def check_init_checkpoint(cfg: Config, joining_cluster: bool) -> None:
     every worker."""
     import torch
 
-    from ddetr_dist.engine.inference import newest_checkpoint, resolve_weights
+    from ddetr_dist.engine.inference import resolve_weights
     from ddetr_dist.engine.run_dir import RunDir
+    from ddetr_dist.engine.run_store import RunStore
     from ddetr_dist.models.build import build_model
     from ddetr_dist.models.checkpoint import CheckpointMismatchError, class_heads_to_reinitialise, \
         model_state_dict, read_checkpoint
@@ -58,7 +59,7 @@ def check_init_checkpoint(cfg: Config, joining_cluster: bool) -> None:
     if not path:
         return
     run_dir = RunDir.of(cfg)
-    if newest_checkpoint(run_dir.path) is not None:  # a resume takes its own weights
+    if RunStore(run_dir).newest_checkpoint() is not None:  # a resume takes its own weights
         log.info("resuming %s: model.init_checkpoint (%s) is not read", run_dir, path)
         return
     key = f"config key 'model.init_checkpoint' = {path!r}"

@@ -22,8 +22,10 @@ import yaml
 from ddetr_dist.atomic import atomic_write_bytes
 from ddetr_dist.config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict, with_values
 from ddetr_dist.engine.run_dir import RunDir
-from ddetr_dist.on_ray.driver import build_torch_trainer, check_before_start, check_model, check_resources, \
-    cluster_nodes, connect_ray, workers_that_fit, write_run_files
+from ddetr_dist.storage import is_uri
+from ddetr_dist.on_ray.driver import build_torch_trainer, check_before_start, check_model, connect_ray, \
+    write_run_files
+from ddetr_dist.on_ray.placement import check_resources, cluster_nodes, workers_that_fit
 from ddetr_dist.on_ray.sweep_dir import SweepDir
 from ddetr_dist.on_ray.sweep_file import Sweep, apply_resources, copy_raw, tune_search_space
 from ddetr_dist.on_ray.sweep_results import SweepResult, sweep_result, trial_rows
@@ -58,13 +60,32 @@ def run_trial(params: dict, *, base: dict, sweep_dir: str, driver_cwd: str, use_
     build_torch_trainer(cfg, run_dir, use_gpu, callbacks=(TuneReportCallback(),)).fit()
 
 
+def check_fixed_workers(cfg: Config) -> None:
+    """A sweep's trials run at one world size each: a range (elastic, docs/elastic.md) would
+    let trials train at different global batches and step counts, whose results a sweep
+    cannot compare, and trials would take each other's workers."""
+    if cfg.ray.is_elastic():
+        raise ConfigError(f"config key 'ray.num_workers' = {cfg.ray.num_workers!r} is a range (elastic workers), which "
+                          "`ddetr tune` does not take: its trials must train at one world size to be compared. Give "
+                          "one number (ray.num_workers=2, or the sweep file's resources.workers_per_trial)")
+
+
+def check_sweep_on_a_file_system(cfg: Config) -> None:
+    """The sweep directory (its results table, the searcher's state, every trial's run) is
+    written and read back by Tune and by us as files: a path, not object storage."""
+    if is_uri(cfg.output_dir):
+        raise ConfigError(f"config key 'output_dir' = {cfg.output_dir!r}: `ddetr tune` keeps its sweep on a file "
+                          "system (a path every node mounts); object storage is for `ddetr train` runs "
+                          "(docs/object-storage.md)")
+
+
 def trials_that_fit(cfg: Config, use_gpu: bool) -> int:
     """How many trials the cluster can place at once (at least 1: check_resources has
     already failed when not even one fits)."""
     # per node (a worker's resources are on one node), and with the nodes an autoscaler may
     # add: a cap from the live nodes alone would hide the demand it scales up for
     fit = workers_that_fit(cluster_nodes(), cfg.ray.cpus_per_worker, 1 if use_gpu else 0)
-    return max(1, fit // cfg.ray.num_workers)
+    return max(1, fit // cfg.ray.worker_range()[1])  # one number (check_fixed_workers), maybe written '2-2'
 
 
 def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -170,7 +191,9 @@ def _tuner(sweep: Sweep, sweep_dir: SweepDir, trial_base: Config, use_gpu: bool,
 def run_sweep(base: Config, sweep: Sweep, retry_errored: bool = False) -> SweepResult:
     """Run (or resume) the sweep to its end; -> the table's rows and the best config.
     Raises ConfigError before any trial starts."""
+    check_sweep_on_a_file_system(base)
     trial_base = check_before_start(apply_resources(base, sweep.resources))  # num_classes resolved
+    check_fixed_workers(trial_base)
     sweep_dir = SweepDir.of(base, sweep.name)
     started_ray = connect_ray(trial_base)
     try:
@@ -180,7 +203,7 @@ def run_sweep(base: Config, sweep: Sweep, retry_errored: bool = False) -> SweepR
         if not resume:
             record_start(sweep_dir, sweep, trial_base)
         log.info("%s sweep %s: %d sample(s), %d trial(s) at a time, %d worker(s) each", "resuming" if resume else
-                 "starting", sweep_dir, sweep.num_samples, concurrent, trial_base.ray.num_workers)
+                 "starting", sweep_dir, sweep.num_samples, concurrent, trial_base.ray.worker_range()[1])
         grid = _tuner(sweep, sweep_dir, trial_base, use_gpu, concurrent, resume, retry_errored).fit()
         rows = trial_rows(grid, sweep)
     finally:

@@ -23,6 +23,7 @@ import torch
 from ddetr_dist.config import Config, config_from_dict
 from ddetr_dist import comm
 from ddetr_dist.engine.run_dir import RunDir
+from ddetr_dist.engine.run_store import RunStore
 from ddetr_dist.errors import InputNotFoundError, VersionMismatchError
 
 
@@ -43,15 +44,20 @@ class RayCheckpointer:
         with checkpoint.as_directory() as folder:  # the folder itself on a shared file system
             yield Path(folder)
 
-    @contextlib.contextmanager
-    def saving(self, step: int, metrics: dict) -> Iterator[Path]:
-        """This rank's files go into a local folder; when the block ends, `ray.train.report`
-        copies it into the run's checkpoint of `step`, and the folder goes."""
+    def folder(self, step: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"ddetr-ckpt-{step}-"))
+
+    def register(self, folder: Path, step: int, metrics: dict) -> None:
+        """`ray.train.report` copies this rank's finished files into the run's checkpoint of
+        `step`, and the local folder goes. Ray registers the checkpoint once every rank has
+        reported, so it never counts one whose parts are still being written. It runs in the
+        checkpoint writer's thread (engine/checkpoint_writer.py), hence Ray's SYNC upload:
+        that thread is already off the loop, and when it ends the checkpoint is uploaded
+        and queued for registration; Ray's ASYNC mode would hand the same copy to yet another
+        thread, whose failures Ray raises on its own and whose end the loop could not wait for."""
         import ray.train
 
-        folder = Path(tempfile.mkdtemp(prefix=f"ddetr-ckpt-{step}-"))
         try:
-            yield folder
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                              checkpoint_dir_name=RunDir.ray_checkpoint_name(step, self.run_id))
         finally:
@@ -74,14 +80,29 @@ def enter_driver_directory(cwd: str) -> None:
 def check_shared_storage(run_dir: RunDir) -> None:
     """Rank 0 writes metrics, TensorBoard and model_final.pth into the run directory, and
     every rank writes its checkpoint shard there: each node must see the folder the driver
-    made (an NFS/Lustre path, or a Kubernetes ReadWriteMany volume, at the same path)."""
-    if not run_dir.config.is_file():
-        import ray
+    made (an NFS/Lustre path, or a Kubernetes ReadWriteMany volume, at the same path), or
+    reach the run in object storage with its own credentials."""
+    import ray
 
+    node = f"node {socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    if run_dir.store_uri:
+        try:
+            found = RunStore(run_dir).has(run_dir.config)
+        except OSError as e:
+            raise InputNotFoundError(
+                f"{node} cannot read the run {run_dir.store_uri}: {e}. Every node needs the store's credentials and "
+                "endpoint (for S3: an instance role or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, and AWS_ENDPOINT_URL "
+                "for a look-alike) in the environment its Ray was started with") from None
+        if not found:
+            raise InputNotFoundError(f"{node} finds no {run_dir.config.name} in {run_dir.store_uri}, which the driver "
+                                     "wrote: do the driver and this node use the same endpoint (AWS_ENDPOINT_URL)?")
+        return
+    if not run_dir.config.is_file():
         raise RuntimeError(
-            f"node {socket.gethostname()} ({ray.util.get_node_ip_address()}) cannot see the run directory {run_dir} "
+            f"{node} cannot see the run directory {run_dir} "
             "that the driver created: on a multi-node cluster, output_dir must be a shared file system mounted at "
-            "the same path on every node (NFS, Lustre, EFS, a ReadWriteMany volume)")
+            "the same path on every node (NFS, Lustre, EFS, a ReadWriteMany volume), or object storage "
+            "(output_dir=s3://bucket/prefix)")
 
 
 def check_inputs(cfg: Config) -> None:
@@ -160,6 +181,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from ddetr_dist.console import quiet_libraries
     from ddetr_dist.engine.loop import Trainer
+    from ddetr_dist.on_ray.preemption import WorkerNotices, fit_until_stopped
     from ddetr_dist.ops.build import use_our_ninja
 
     use_our_ninja()  # before DeepSpeed JIT-builds its comm op
@@ -168,7 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     quiet_libraries()
     quiet_ray_train_reports()
     cfg: Config = config_from_dict(loop_config["config"])
-    run_dir = RunDir(loop_config["run_dir"])
+    run_dir = RunDir.at(loop_config["run_dir"])  # object storage: this node's working copy
     enter_driver_directory(loop_config["cwd"])
     check_shared_storage(run_dir)
     check_inputs(cfg)
@@ -179,9 +201,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_id = comm.broadcast_object(loop_config["run_id"])
     workers = comm.all_gather_object(worker_info())
     check_versions(loop_config["versions"], workers)  # every rank raises alike: no one waits
+    notices = WorkerNotices(run_id, comm.get_rank(), cfg.ray.save_on_sigterm_s)  # preemption, SIGTERM
     trainer = Trainer(cfg, run_dir, RayCheckpointer(run_id), device=device,
-                      progress_bar=ray_progress_bar if loop_config["progress_bars"] else None)
+                      progress_bar=ray_progress_bar if loop_config["progress_bars"] else None, notices=notices)
     trainer.metrics.emit({"event": "workers", "step": trainer.progress.step, "epoch": trainer.progress.epoch,
                           "workers": workers})
-    trainer.fit()
+    fit_until_stopped(trainer, notices)
 

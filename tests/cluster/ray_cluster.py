@@ -81,21 +81,43 @@ class RayCluster:
         return node_command(self.net.nodes[index].name, hide, share, stage, argv)
 
     def start(self, timeout: float = 120) -> "RayCluster":
-        for i, (node, cpus) in enumerate(zip(self.net.nodes, NODE_CPUS)):
-            # the temp dir is in the node's own /tmp: short (Ray's socket paths < 107 characters)
-            common = ["--num-cpus", str(cpus), "--object-store-memory", str(100 << 20), "--temp-dir", "/tmp/ray",
-                      "--disable-usage-stats", "--block"]
-            role = (["--head", "--port", str(GCS_PORT), "--dashboard-host", "0.0.0.0", "--dashboard-port",
-                     str(DASHBOARD_PORT), "--include-dashboard", "true"] if i == 0 else
-                    ["--address", f"{self.head.name}:{GCS_PORT}"])
-            log = (self.workdir / f"ray-node{i}.log").open("w")
-            self.processes.append(self.net.popen(i, self.node_argv(i, [RAY, "start", *role, *common]),
-                                                 env=self.node_env, stdout=log, stderr=subprocess.STDOUT))
+        for i in range(len(self.net.nodes)):
+            self.start_node(i)
             if i == 0:
                 self._wait(lambda: self._alive_nodes() >= 1, timeout, "the head node")
         self._wait(lambda: self._alive_nodes() == len(self.net.nodes), timeout,
                    f"{len(self.net.nodes)} nodes to join")
         return self
+
+    def start_node(self, i: int) -> None:
+        """Node `i`'s `ray start`; again after `lose_node(i)` (a replacement machine joining
+        under the same name and address; its Ray is a new node to the head)."""
+        # the temp dir is in the node's own /tmp: short (Ray's socket paths < 107 characters)
+        common = ["--num-cpus", str(NODE_CPUS[i]), "--object-store-memory", str(100 << 20), "--temp-dir", "/tmp/ray",
+                  "--disable-usage-stats", "--block"]
+        role = (["--head", "--port", str(GCS_PORT), "--dashboard-host", "0.0.0.0", "--dashboard-port",
+                 str(DASHBOARD_PORT), "--include-dashboard", "true"] if i == 0 else
+                ["--address", f"{self.head.name}:{GCS_PORT}"])
+        log = (self.workdir / f"ray-node{i}.log").open("a")
+        process = self.net.popen(i, self.node_argv(i, [RAY, "start", *role, *common]), env=self.node_env,
+                                 stdout=log, stderr=subprocess.STDOUT)
+        if i < len(self.processes):
+            self.processes[i] = process
+        else:
+            self.processes.append(process)
+
+    def lose_node(self, i: int, timeout: float = 60) -> None:
+        """Node `i` dies as a machine does (power, kernel panic, a reclaimed spot VM): every
+        process in it is killed at once, none says goodbye to the head, which finds out by
+        its health checks. `start_node(i)` brings a replacement."""
+        pids = subprocess.run(["ip", "netns", "pids", self.net.nodes[i].namespace], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+        self.processes[i].wait(timeout=timeout)
 
     def on_node(self, index: int, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
         """A command run on node `index`, in its namespaces (network, host name, file system:

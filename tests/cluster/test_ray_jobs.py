@@ -6,6 +6,7 @@ the Python environment without our package: the code reaches the nodes only as t
 working_dir."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,8 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from ddetr_dist.storage import Store
 from distributed.ray_helpers import records, registered_checkpoint_steps, wait_for, write_tiny_config
 from test_shell_scripts import repository_files
+
+from s3_server import S3Server
 
 from . import netns
 from .ray_cluster import REPO, RayCluster
@@ -34,8 +38,13 @@ def cluster(tmp_path_factory, tiny_data):
     workdir = tmp_path_factory.mktemp("ray_cluster")
     shared = workdir / "shared"  # the NFS mount: data and runs
     shutil.copytree(tiny_data, shared / "data")
-    with netns.Network("ddr", 3) as net:
-        ray_cluster = RayCluster(net, workdir, shared).start()
+    with netns.Network("ddr", 3) as net, S3Server(workdir / "s3", host=net.host_address) as s3:
+        ray_cluster = RayCluster(net, workdir, shared)
+        # object storage on the network, and every node started with its endpoint and keys (an
+        # instance role or a secret in the pod's environment on a real cluster)
+        ray_cluster.node_env.update(s3.env)
+        ray_cluster.s3 = s3
+        ray_cluster.start()
         try:
             yield ray_cluster
         finally:
@@ -163,3 +172,51 @@ def test_a_stopped_job_resumes_when_submitted_again(cluster, checkout):
     assert len(resumed) == 1 and resumed[0]["step"] >= 3 and resumed[0]["exact"]
     assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 16))
     assert records(run_dir, "final")[-1]["step"] == 15
+
+
+def store_records(store: Store, event: str) -> list[dict]:
+    text = store.read_bytes("metrics.jsonl").decode() if store.is_file("metrics.jsonl") else ""
+    return [r for r in map(json.loads, text.splitlines()) if r.get("event") == event]
+
+
+def test_a_run_in_object_storage_resumes_from_the_store_after_its_driver_is_stopped(cluster, checkout, monkeypatch):
+    # No shared mount for the run: every node writes to the store and reads it back, with the
+    # keys its Ray was started with (the client has none: the driver runs on the head)
+    for key, value in cluster.s3.env.items():
+        monkeypatch.setenv(key, value)  # this test's own reads of the store
+    cluster.s3.make_bucket("team-runs")
+    store = Store("s3://team-runs/detr/stored")
+    args = ("--config", tiny_config(cluster, checkout, "stored"), "output_dir=s3://team-runs/detr",
+            "train.max_steps=12", "train.checkpoint_every_steps=3")
+    submitted = submit(cluster, checkout, "job-s3-first", "--no-wait", *args)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-2000:]
+    wait_for(lambda: store_records(store, "checkpoint") or job_status(cluster, "job-s3-first") == "FAILED", 300,
+             "a checkpoint in the store")
+    assert store_records(store, "checkpoint"), cluster.ray("job", "logs", "job-s3-first").stdout[-5000:]
+    time.sleep(2)  # Ray's controller registers it after the workers' report
+    stopped = cluster.ray("job", "stop", "job-s3-first")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    wait_for(lambda: job_status(cluster, "job-s3-first") == "STOPPED", 60, "the job to stop")
+    time.sleep(2)
+    assert not store.is_file("final_metrics.json")
+
+    again = submit(cluster, checkout, "job-s3-again", *args)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    resumed = store_records(store, "resume")
+    assert len(resumed) == 1 and resumed[0]["step"] >= 3 and resumed[0]["exact"], resumed
+    assert [r["step"] for r in store_records(store, "train")] == list(range(1, 13))
+    assert store_records(store, "final")[-1]["step"] == 12
+    files = store.files()
+    assert {"config.yaml", "deepspeed_config.json", "model_final.pth", "final_metrics.json"} <= set(files)
+    assert any(name.startswith("checkpoint_0") and name.endswith("/meta.json") for name in files)
+    assert any(name.startswith("tensorboard/events.out.tfevents.") for name in files)
+    assert any(name.startswith("eval/") and name.endswith("/metrics.json") for name in files)
+    assert not (cluster.shared / "runs" / "stored").exists()  # nothing went to the shared mount
+    assert "done: s3://team-runs/detr/stored" in again.stdout and "AP50" in again.stdout
+
+    # ddetr eval reads the run from the store (one process, on the head) and puts its results there
+    done = cluster.ray("job", "submit", "--submission-id", "job-s3-eval", "--working-dir", str(checkout), "--",
+                       "python", "-m", "ddetr_dist.eval", "--checkpoint", store.uri, "ray.num_workers=1")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "AP50" in done.stdout and f"-> {store.uri}/eval/manual-" in done.stdout
+    assert any(name.startswith("eval/manual-") and name.endswith("/metrics.json") for name in store.files())

@@ -165,7 +165,7 @@ def test_a_worker_with_other_versions_than_the_driver_stops_the_run_naming_its_n
     ([{"CPU": 8, "GPU": 4}, {"CPU": 2, "GPU": 4}], ["ray.num_workers=6", "ray.cpus_per_worker=2"], False),
 ])
 def test_workers_are_placed_per_node(nodes, overrides, fits):
-    from ddetr_dist.on_ray.driver import check_resources
+    from ddetr_dist.on_ray.placement import check_resources
 
     cfg = load_config(None, ["data.train_shards=x", *FROM_SCRATCH, *overrides])
     if fits:
