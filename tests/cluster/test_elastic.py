@@ -6,8 +6,6 @@ left instead of waiting, the node comes back, the run grows to 2 workers again a
 every step logged once."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,60 +13,29 @@ from pathlib import Path
 import pytest
 
 from distributed.ray_helpers import records, registered_checkpoint_steps, wait_for, write_tiny_config
-from test_shell_scripts import repository_files
 
-from . import netns
-from .ray_cluster import REPO, RayCluster
+from .ray_fixtures import FAST_HEALTH_CHECKS, job_succeeded, running_cluster, user_checkout
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 LOST_NODE = 2  # a worker node (0 is the head)
-# The head notices a dead node by missed health checks: a few seconds here instead of Ray's
-# ~30 s (what a node's loss costs a real run before it continues), to keep the test short
-FAST_HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-                      "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_data):
-    reason = netns.available()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the cluster tests, but {reason}")
-        pytest.skip(reason)
-    workdir = tmp_path_factory.mktemp("elastic_cluster")
-    shared = workdir / "shared"  # the NFS mount: data and runs
-    shutil.copytree(tiny_data, shared / "data")
-    with netns.Network("dde", 3) as net:
-        ray_cluster = RayCluster(net, workdir, shared)
-        ray_cluster.node_env.update(FAST_HEALTH_CHECKS)
-        ray_cluster.start()
-        try:
-            yield ray_cluster
-        finally:
-            ray_cluster.stop()
+    with running_cluster(tmp_path_factory.mktemp("elastic_cluster"), tiny_data, "dde", FAST_HEALTH_CHECKS) as ray_cluster:
+        yield ray_cluster
 
 
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Path:
-    """The user's copy of the code (what submit.sh uploads), without the venv."""
-    root = tmp_path_factory.mktemp("checkout")
-    for path in repository_files():
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / path, root / path)
-    return root
+    return user_checkout(tmp_path_factory.mktemp("checkout"))
 
 
 def world_sizes(run_dir: Path) -> list[int]:
     """The world size of each start of the workers, in order."""
     return [r["world_size"] for r in records(run_dir, "world_size")]
 
-
-def job_succeeded(cluster: RayCluster, job_id: str) -> bool:
-    out = cluster.ray("job", "status", job_id).stdout
-    if f"Job '{job_id}' failed" in out or f"Job '{job_id}' was stopped" in out:
-        raise AssertionError(cluster.ray("job", "logs", job_id).stdout[-6000:])
-    return f"Job '{job_id}' succeeded" in out
 
 
 def test_a_run_shrinks_when_a_node_is_lost_and_grows_back_when_it_returns(cluster, checkout):

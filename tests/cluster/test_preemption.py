@@ -7,8 +7,6 @@ the node is then lost (every process in it killed at once) and replaced; Ray Tra
 workers and the run finishes, every step logged once. SIGTERM: tests/distributed/test_sigterm.py."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,56 +14,27 @@ from pathlib import Path
 import pytest
 
 from distributed.ray_helpers import records, registered_checkpoint_steps, wait_for, write_tiny_config
-from test_shell_scripts import repository_files
 
-from . import netns
-from .ray_cluster import GCS_PORT, REPO, RayCluster
+from .ray_cluster import GCS_PORT
+from .ray_fixtures import FAST_HEALTH_CHECKS, job_succeeded, running_cluster, user_checkout
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 DRAINED_NODE = 2  # a worker node (0 is the head)
 DEADLINE_S = 60
 STEPS = 30
-# The head notices the lost node by missed health checks: seconds here, not Ray's ~30 s
-FAST_HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-                      "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_data):
-    reason = netns.available()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the cluster tests, but {reason}")
-        pytest.skip(reason)
-    workdir = tmp_path_factory.mktemp("preemption_cluster")
-    shared = workdir / "shared"  # the NFS mount: data and runs
-    shutil.copytree(tiny_data, shared / "data")
-    with netns.Network("ddp", 3) as net:
-        ray_cluster = RayCluster(net, workdir, shared)
-        ray_cluster.node_env.update(FAST_HEALTH_CHECKS)
-        ray_cluster.start()
-        try:
-            yield ray_cluster
-        finally:
-            ray_cluster.stop()
+    with running_cluster(tmp_path_factory.mktemp("preemption_cluster"), tiny_data, "ddp", FAST_HEALTH_CHECKS) as ray_cluster:
+        yield ray_cluster
 
 
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Path:
-    """The user's copy of the code (what submit.sh uploads), without the venv."""
-    root = tmp_path_factory.mktemp("checkout")
-    for path in repository_files():
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / path, root / path)
-    return root
+    return user_checkout(tmp_path_factory.mktemp("checkout"))
 
-
-def job_succeeded(cluster: RayCluster, job_id: str) -> bool:
-    out = cluster.ray("job", "status", job_id).stdout
-    if f"Job '{job_id}' failed" in out or f"Job '{job_id}' was stopped" in out:
-        raise AssertionError(cluster.ray("job", "logs", job_id).stdout[-6000:])
-    return f"Job '{job_id}' succeeded" in out
 
 
 def test_a_drained_node_makes_the_run_save_before_its_deadline_and_the_run_finishes_after_it_goes(cluster, checkout):

@@ -7,9 +7,7 @@ working_dir."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,47 +16,22 @@ import pytest
 
 from ddetr_dist.storage import Store
 from distributed.ray_helpers import records, registered_checkpoint_steps, wait_for, write_tiny_config
-from test_shell_scripts import repository_files
 
-from s3_server import S3Server
-
-from . import netns
-from .ray_cluster import REPO, RayCluster
+from .ray_cluster import RayCluster
+from .ray_fixtures import running_cluster, user_checkout
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_data):
-    reason = netns.available()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the cluster tests, but {reason}")
-        pytest.skip(reason)
-    workdir = tmp_path_factory.mktemp("ray_cluster")
-    shared = workdir / "shared"  # the NFS mount: data and runs
-    shutil.copytree(tiny_data, shared / "data")
-    with netns.Network("ddr", 3) as net, S3Server(workdir / "s3", host=net.host_address) as s3:
-        ray_cluster = RayCluster(net, workdir, shared)
-        # object storage on the network, and every node started with its endpoint and keys (an
-        # instance role or a secret in the pod's environment on a real cluster)
-        ray_cluster.node_env.update(s3.env)
-        ray_cluster.s3 = s3
-        ray_cluster.start()
-        try:
-            yield ray_cluster
-        finally:
-            ray_cluster.stop()
+    with running_cluster(tmp_path_factory.mktemp("ray_cluster"), tiny_data, "ddr", with_s3=True) as ray_cluster:
+        yield ray_cluster
 
 
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Path:
-    """The user's copy of the code (what submit.sh uploads), without the venv."""
-    root = tmp_path_factory.mktemp("checkout")
-    for path in repository_files():
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / path, root / path)
-    return root
+    return user_checkout(tmp_path_factory.mktemp("checkout"))
 
 
 def tiny_config(cluster: RayCluster, checkout: Path, name: str) -> str:
