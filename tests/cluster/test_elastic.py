@@ -14,7 +14,7 @@ import pytest
 
 from distributed.ray_helpers import records, registered_checkpoint_steps, wait_for, write_tiny_config
 
-from .ray_fixtures import FAST_HEALTH_CHECKS, job_succeeded, running_cluster, user_checkout
+from .ray_fixtures import FAST_HEALTH_CHECKS, job_succeeded, running_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -23,19 +23,14 @@ LOST_NODE = 2  # a worker node (0 is the head)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_data):
-    with running_cluster(tmp_path_factory.mktemp("elastic_cluster"), tiny_data, "dde", FAST_HEALTH_CHECKS) as ray_cluster:
+    workdir = tmp_path_factory.mktemp("elastic_cluster")
+    with running_cluster(workdir, tiny_data, "dde", FAST_HEALTH_CHECKS) as ray_cluster:
         yield ray_cluster
-
-
-@pytest.fixture(scope="module")
-def checkout(tmp_path_factory) -> Path:
-    return user_checkout(tmp_path_factory.mktemp("checkout"))
 
 
 def world_sizes(run_dir: Path) -> list[int]:
     """The world size of each start of the workers, in order."""
     return [r["world_size"] for r in records(run_dir, "world_size")]
-
 
 
 def test_a_run_shrinks_when_a_node_is_lost_and_grows_back_when_it_returns(cluster, checkout):

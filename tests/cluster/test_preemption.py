@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from distributed.ray_helpers import records, registered_checkpoint_steps, wait_for, write_tiny_config
 
 from .ray_cluster import GCS_PORT
-from .ray_fixtures import FAST_HEALTH_CHECKS, job_succeeded, running_cluster, user_checkout
+from .ray_fixtures import FAST_HEALTH_CHECKS, job_succeeded, running_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -27,14 +26,9 @@ STEPS = 30
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_data):
-    with running_cluster(tmp_path_factory.mktemp("preemption_cluster"), tiny_data, "ddp", FAST_HEALTH_CHECKS) as ray_cluster:
+    workdir = tmp_path_factory.mktemp("preemption_cluster")
+    with running_cluster(workdir, tiny_data, "ddp", FAST_HEALTH_CHECKS) as ray_cluster:
         yield ray_cluster
-
-
-@pytest.fixture(scope="module")
-def checkout(tmp_path_factory) -> Path:
-    return user_checkout(tmp_path_factory.mktemp("checkout"))
-
 
 
 def test_a_drained_node_makes_the_run_save_before_its_deadline_and_the_run_finishes_after_it_goes(cluster, checkout):

@@ -18,7 +18,7 @@ from ddetr_dist.storage import Store
 from distributed.ray_helpers import records, registered_checkpoint_steps, wait_for, write_tiny_config
 
 from .ray_cluster import RayCluster
-from .ray_fixtures import running_cluster, user_checkout
+from .ray_fixtures import running_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -27,11 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def cluster(tmp_path_factory, tiny_data):
     with running_cluster(tmp_path_factory.mktemp("ray_cluster"), tiny_data, "ddr", with_s3=True) as ray_cluster:
         yield ray_cluster
-
-
-@pytest.fixture(scope="module")
-def checkout(tmp_path_factory) -> Path:
-    return user_checkout(tmp_path_factory.mktemp("checkout"))
 
 
 def tiny_config(cluster: RayCluster, checkout: Path, name: str) -> str:
