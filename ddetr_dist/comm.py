@@ -67,6 +67,16 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
+def sum_over_group(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """A copy of `tensor` summed over the ranks of `group` (default: all), on `tensor`'s device;
+    no host sync (DeepSpeed's data-parallel group for its gradient norm)."""
+    if not is_distributed():
+        return tensor.clone()
+    summed = _backend_tensor(tensor, dtype=tensor.dtype)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+    return summed.to(tensor.device)
+
+
 def all_reduce_max(value: float) -> float:
     """The largest `value` over ranks."""
     if not is_distributed():

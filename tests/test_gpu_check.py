@@ -65,3 +65,18 @@ def test_bench_train_on_synthetic_images(tmp_path):
     assert result["synthetic"] == [64, 96] and result["precision"] == "bf16"
     assert row["images_per_s"] > 0
     assert (row["peak_gpu_memory_gb"] is not None) == torch.cuda.is_available()
+
+
+def test_bench_train_runs_the_base_model_eager_and_compiled_in_bf16(tmp_path):
+    """gpu-check's training row: eager and compiled (train.compile) images/s in one run."""
+    command = load_gpu_check().bench_train_command(tmp_path / "out.json")
+    assert command[command.index("--config") + 1] == "configs/base.yaml"
+    assert {"--compile", "--synthetic", "train.precision=bf16", "model.msda_backend=cuda"} <= set(command)
+    import argparse
+
+    from ddetr_dist.on_ray import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_intermixed_args(command[command.index("train") + 1:])  # what `ddetr bench train` reads
+    assert args.compile and args.synthetic == (800, 1333) and "train.precision=bf16" in args.overrides

@@ -9,7 +9,8 @@
                     and fp16, gradient accumulation
   4. bench_msda     `ddetr bench msda` on the GPU, float32 and bfloat16
   5. bench_train    30 bf16 training steps of configs/base.yaml (ResNet-50) on synthetic
-                    800x1333 images: images/s (the last 15) and peak GPU memory
+                    800x1333 images, eagerly and compiled (train.compile's torch.compile):
+                    both images/s (the last 15), the compile time and peak GPU memory
   6. one report     $DDETR_GPU_CHECK_DIR/gpu_check_report.json (default runs/gpu-check/) with
                     every number; each step's full output beside it as <step>.log
 
@@ -47,7 +48,7 @@ BASE_FROM_SCRATCH = ["model.backbone_weights=", "model.backbone_norm=bn", "model
 TRAIN_IMAGE_SIZE = "800x1333"  # COCO's largest training size: the peak memory of a real run
 TRAIN_STEPS = 15  # timed, after as many warm-up steps: 30 steps in all
 # a hung step (a collective that never returns) must not hang the check
-TIMEOUT_S = {"test_gpu": 600, "bench_msda": 300, "bench_train": 300}
+TIMEOUT_S = {"test_gpu": 600, "bench_msda": 300, "bench_train": 480}  # bench_train compiles the model too
 
 
 class StepFailed(Exception):
@@ -271,25 +272,31 @@ def bench_msda(check: Check) -> dict:
 # ---------------------------------------------------------------- 5. the model's speed
 
 
+def bench_train_command(out: Path) -> list[str]:
+    """Eager and compiled (--compile) in one run: both images/s and the compile time."""
+    return [sys.executable, "-m", "ddetr_dist.cli", "bench", "train", "--config", "configs/base.yaml",
+            "--steps", str(TRAIN_STEPS), "--synthetic", TRAIN_IMAGE_SIZE, "--compile", "--json", str(out),
+            "train.precision=bf16", "model.msda_backend=cuda", *BASE_FROM_SCRATCH]
+
+
 def bench_train(check: Check) -> dict:
     """`ddetr bench train --synthetic`: plain PyTorch in this one process on the GPU, the
     real model at the real image size; no shards needed."""
     out = check.out_dir / "bench_train.json"
     out.unlink(missing_ok=True)
-    status = check.run("bench_train", [
-        sys.executable, "-m", "ddetr_dist.cli", "bench", "train", "--config", "configs/base.yaml",
-        "--steps", str(TRAIN_STEPS), "--synthetic", TRAIN_IMAGE_SIZE, "--json", str(out),
-        "train.precision=bf16", "model.msda_backend=cuda", *BASE_FROM_SCRATCH])
+    status = check.run("bench_train", bench_train_command(out))
     if status != 0 or not out.exists():
         raise StepFailed(f"ddetr bench train exited {status}; see {check.out_dir / 'bench_train.log'}")
     result = json.loads(out.read_text())
-    [row] = result["rows"]
+    row, compiled = result["rows"]  # eager, then compiled
     if row["peak_gpu_memory_gb"] is None:
         raise StepFailed("the benchmark ran on the CPU, not on the GPU")
     return {"config": result["config"], "overrides": result["overrides"], "precision": result["precision"],
             "image_size": result["synthetic"], "batch_size": result["batch_size"],
             "timed_steps": result["steps"], "warmup_steps": result["steps"],
             "images_per_s": round(row["images_per_s"], 2), "step_s": round(row["step_s"], 4),
+            "images_per_s_compiled": round(compiled["images_per_s"], 2), "compile_s": result["compile_s"],
+            "peak_gpu_memory_gib_compiled": round(compiled["peak_gpu_memory_gb"], 2),
             "peak_gpu_memory_gib": round(row["peak_gpu_memory_gb"], 2),
             "phases_s_per_step": {k: round(v, 4) for k, v in row["phases"].items()}}
 
@@ -347,6 +354,8 @@ def summary(report: dict) -> str:
     if train.get("ok"):
         lines.append(f"  train: {train['images_per_s']} images/s, peak GPU memory {train['peak_gpu_memory_gib']} GiB "
                      f"({train['precision']}, batch {train['batch_size']}, {TRAIN_IMAGE_SIZE})")
+        lines.append(f"  train compiled: {train['images_per_s_compiled']} images/s after {train['compile_s']} s "
+                     f"of compiling, peak GPU memory {train['peak_gpu_memory_gib_compiled']} GiB")
     return "\n".join(lines)
 
 

@@ -85,7 +85,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: ShardSet, transform: Transform, *, train: bool, batch_size: int,
                  rank: int, world_size: int, num_workers: int, seed: int = 0,
-                 batches_per_rank: int = 0, shuffle_buffer: int = 0):
+                 batches_per_rank: int = 0, shuffle_buffer: int = 0, pad_to_multiple: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if train and batches_per_rank < 1:
@@ -95,6 +95,7 @@ class ShardStream(IterableDataset):
         self.num_workers = num_workers  # DataLoader workers; 0 = iterate in the main process
         self.workers_per_rank = max(1, num_workers)  # slots per rank
         self.seed, self.batches_per_rank, self.shuffle_buffer = seed, batches_per_rank, shuffle_buffer
+        self.pad_to_multiple = pad_to_multiple  # batch height and width rounded up to a multiple (collate.py)
         self.epoch = 0  # set by DetectionLoader before each pass
 
     @property
@@ -177,10 +178,10 @@ class ShardStream(IterableDataset):
             failed_in_a_row = 0
             batch.append(item)
             if len(batch) == self.batch_size:
-                yield collate(batch)
+                yield collate(batch, self.pad_to_multiple)
                 batch = []
         if batch:  # only an evaluation stream ends: its last batch may be short
-            yield collate(batch)
+            yield collate(batch, self.pad_to_multiple)
 
 
 def _with_skip_counts(batches: Iterator[tuple], skips: SkipCounter) -> Iterator[tuple]:
@@ -254,17 +255,17 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 
 
 def build_train_loader(cfg: DataConfig, seed: int, *, rank: int | None = None, world_size: int | None = None,
-                       pin_memory: bool = False) -> DetectionLoader:
+                       pin_memory: bool = False, pad_to_multiple: int = 1) -> DetectionLoader:
     """The training loader of one rank: `cfg.samples_per_epoch` (default: all samples)
-    per epoch over all ranks, as the same number of full batches on every rank.
-    rank/world_size default to ddetr_dist.comm."""
+    per epoch over all ranks, as the same number of full batches on every rank, padded to
+    multiples of `pad_to_multiple` (config.pad_multiple). rank/world_size default to ddetr_dist.comm."""
     rank, world_size = _rank_and_world(rank, world_size)
     shards = load_shard_set(cfg.train_shards, cfg.allow_pipe_urls, cfg.train_manifest)
     samples = cfg.samples_per_epoch or shards.total
     stream = ShardStream(shards, build_train_transform(cfg), train=True, batch_size=cfg.batch_size,
                          rank=rank, world_size=world_size, num_workers=cfg.num_workers, seed=seed,
                          batches_per_rank=max(1, samples // (world_size * cfg.batch_size)),
-                         shuffle_buffer=cfg.shuffle_buffer)
+                         shuffle_buffer=cfg.shuffle_buffer, pad_to_multiple=pad_to_multiple)
     return DetectionLoader(stream, pin_memory=pin_memory)
 
 

@@ -54,7 +54,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": cfg.data.batch_size * t.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.clip_max_norm,
+        # ZeRO-0: the loop clips, with the one fused norm it also logs (engine/step.py)
+        "gradient_clipping": cfg.optim.clip_max_norm if t.zero_stage > 0 else 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW with our parameter groups
         "steps_per_print": 10 ** 9,  # we log; DeepSpeed's own step prints would interleave

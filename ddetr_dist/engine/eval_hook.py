@@ -53,9 +53,11 @@ class EvalHook:
         """Collective. -> the metrics to report with the step."""
         cfg, module, out = self.cfg, self.module, self.run_dir.eval_at(step)
         average_batchnorm_statistics(module)
-        result = evaluate(module, self.criterion, self.postprocess, cfg, self.device, out.path, self.gt,
-                          progress=comm.get_rank() == 0, lockstep=cfg.train.zero_stage == 3)
-        picture = self.pictures.render(module, self.postprocess, self.device) if self.pictures else None
+        # eagerly under train.compile (engine/compile.py): other sizes, too few images to repay a compile
+        with torch.compiler.set_stance("force_eager"):
+            result = evaluate(module, self.criterion, self.postprocess, cfg, self.device, out.path, self.gt,
+                              progress=comm.get_rank() == 0, lockstep=cfg.train.zero_stage == 3)
+            picture = self.pictures.render(module, self.postprocess, self.device) if self.pictures else None
         module.train()
         self.last_step = step
         if comm.get_rank() != 0:

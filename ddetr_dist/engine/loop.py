@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ddetr_dist.config import Config
+from ddetr_dist.config import Config, pad_multiple
 from ddetr_dist.data import build_train_loader
 from ddetr_dist import comm
 from ddetr_dist.console import without_library_prints
@@ -34,6 +34,7 @@ from ddetr_dist.engine.bad_steps import count_step
 from ddetr_dist.engine.checkpoint_policy import CheckpointPolicy, NoticeSource, no_notices
 from ddetr_dist.engine.checkpoint_writer import CheckpointWriter
 from ddetr_dist.engine.checkpointers import Checkpointer
+from ddetr_dist.engine.compile import compile_engine
 from ddetr_dist.engine.deepspeed_config import bind_deepspeed_to, deepspeed_config, import_deepspeed
 from ddetr_dist.engine.eval_hook import EvalHook
 from ddetr_dist.engine.faults import InjectedFaults
@@ -88,7 +89,8 @@ class Trainer:
         model = self._build_model_and_loader()
         with checkpointer.latest() as resume_dir:
             self._build_engine(model, resume_dir)
-        self.stepper = WindowStep(self.engine, self.criterion, self.device, cfg.train.zero_stage, self.loss_scaler)
+        self.stepper = WindowStep(self.engine, self.criterion, self.device, cfg.train.zero_stage, self.loss_scaler,
+                                  cfg.optim.clip_max_norm)
         self.window = MetricsWindow(self.world_size, cfg.train.log_every_steps, self.total_steps, self.device,
                                     self.criterion.weight_dict, self.loss_scaler, self.steps_per_epoch,
                                     cfg.train.grad_accum)
@@ -111,7 +113,7 @@ class Trainer:
         # official code does; DeepSpeed broadcasts rank 0's weights anyway
         _seed_everything(cfg.seed + self.rank)
         self.loader = build_train_loader(cfg.data, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
-                                         pin_memory=self.device.type == "cuda")
+                                         pin_memory=self.device.type == "cuda", pad_to_multiple=pad_multiple(cfg))
         self.batches_per_epoch = len(self.loader)
         self.steps_per_epoch = max(1, self.batches_per_epoch // cfg.train.grad_accum)
         self.total_steps = cfg.train.max_steps or cfg.optim.epochs * self.steps_per_epoch
@@ -133,6 +135,7 @@ class Trainer:
             self.engine, *_ = deepspeed.initialize(args=bind_deepspeed_to(self.device), model=model,
                                                    optimizer=self.optimizer, config=self.ds_config,
                                                    dist_init_required=False)
+        self.compiles = compile_engine(self.engine, cfg, self.metrics, self.batches_per_step_epoch)  # train.compile
         self.loss_scaler = install_loss_scaler(self.engine, self.device, cfg.train.loss_scale_power,
                                                cfg.train.loss_scale_window) if cfg.train.precision == "fp16" else None
         if saved is not None:
@@ -203,6 +206,7 @@ class Trainer:
         self.last_step = self.stepper.run(window, self.window.times, self.faults.poisoned(p.step),
                                           loss_factor=self.faults.loss_factor(p.step))
         p.step += 1
+        self.compiles.after_step(p, window)  # counts and logs compilations (train.compile)
         p.samples_seen += self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world_size
         count_step(self.last_step, p, self.cfg.train.max_bad_steps, self.metrics)
 

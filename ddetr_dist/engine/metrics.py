@@ -82,6 +82,11 @@ def console_line(record: dict) -> str | None:
         skipped = f"  skipped steps {record['skipped_steps']}" if record.get("skipped_steps") else ""
         return (f"epoch {record['epoch']} step {record['step']}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
                 f"{record['images_per_s']:.1f} img/s  data wait {100 * record['data_wait']:.0f}%{skipped}{eta}")
+    if event == "compile":  # engine/compile.py
+        return (f"compiled the model for {record['shape'][0]}x{record['shape'][1]} batches at step {record['step']} "
+                f"({record['step_s']:.0f} s; {record['compiles']} compilations, at most {record['bound'] or '-'})")
+    if event == "compiles":
+        return f"epoch {record['epoch']}: {record['in_epoch']} compilations ({record['compiles']} in all)"
     if event == "workers":
         return f"{len(record['workers'])} workers: " + ", ".join(
             f"rank {w['rank']} on {w['host']} (pid {w['pid']})" for w in record["workers"])

@@ -31,6 +31,7 @@ import torch
 from ddetr_dist import comm
 from ddetr_dist.engine.evaluate import outputs_to_float
 from ddetr_dist.engine.metrics_window import StepTimes
+from ddetr_dist.engine.zero_grad_norm import use_fused_grad_norm
 
 MIN_LOSS_SCALE = 1.0
 LOGGED_LOSSES = ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
@@ -44,12 +45,17 @@ class StepResult:
     loss_scale: float | None = None  # fp16: the scale after this step
 
 
-def grad_norm(module: torch.nn.Module) -> float:
-    """The global L2 norm of the (already reduced) gradients: NaN/inf if any is."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
+def clip_gradients(module: torch.nn.Module, max_norm: float) -> float:
+    """ZeRO-0: the global L2 norm of the (already reduced) gradients, NaN/inf if any is; and
+    clipped to `max_norm` (0 = not clipped). One fused norm (torch's foreach kernels) serves
+    both the clip and the log: DeepSpeed's own clip loops over the parameters in Python and
+    all-reduces the norm of gradients that are already equal on every rank."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True))
 
 
 def install_loss_scaler(engine, device: torch.device, initial_power: int, window: int) -> torch.amp.GradScaler:
@@ -75,11 +81,18 @@ class WindowStep:
     """Runs optimizer steps on one rank's DeepSpeed engine: `run(window, times)`."""
 
     def __init__(self, engine, criterion, device: torch.device, zero_stage: int,
-                 loss_scaler: torch.amp.GradScaler | None = None):
+                 loss_scaler: torch.amp.GradScaler | None = None, clip_max_norm: float = 0.0):
         self.engine, self.criterion, self.device, self.zero_stage = engine, criterion, device, zero_stage
+        self.clip_max_norm = clip_max_norm  # ZeRO-0 clips here (deepspeed_config gives DeepSpeed 0)
         self.loss_scaler = loss_scaler
         self._allreduce_s = 0.0
         self._time_allreduce()
+        if zero_stage in (1, 2):
+            use_fused_grad_norm(engine.optimizer)
+        if zero_stage == 0 and comm.get_world_size() == 1:
+            # one rank has nothing to reduce: DeepSpeed would still flatten every gradient into
+            # a buffer, "average" it over one rank and copy it back, each step
+            engine.enable_backward_allreduce = False
 
     def _time_allreduce(self) -> None:
         """Wrap DeepSpeed's boundary gradient reduction to time it (one clock read each)."""
@@ -103,8 +116,8 @@ class WindowStep:
         for index, (images, padding_mask, targets) in enumerate(window):
             boundary = index == len(window) - 1
             self.engine.set_gradient_accumulation_boundary(boundary)
-            loss = self._forward(images, padding_mask, targets, num_boxes, times, poisoned, loss_factor)
-            finite = not comm.any_rank(not bool(torch.isfinite(loss)))
+            loss, finite_here = self._forward(images, padding_mask, targets, num_boxes, times, poisoned, loss_factor)
+            finite = not comm.any_rank(not finite_here)
             bad = bad or not finite
             if boundary:
                 return self._boundary(loss, bad, times)
@@ -115,7 +128,9 @@ class WindowStep:
             times.backward += time.perf_counter() - t0
         raise ValueError("an empty accumulation window")
 
-    def _forward(self, images, padding_mask, targets, num_boxes, times, poisoned, loss_factor) -> torch.Tensor:
+    def _forward(self, images, padding_mask, targets, num_boxes, times, poisoned,
+                 loss_factor) -> tuple[torch.Tensor, bool]:
+        """-> the weighted loss and whether it is finite (on this rank)."""
         images = images.to(self.device, non_blocking=True)
         padding_mask = padding_mask.to(self.device, non_blocking=True)
         targets = [{k: v.to(self.device) for k, v in tgt.items()} for tgt in targets]
@@ -129,13 +144,15 @@ class WindowStep:
             loss = loss * float("nan")
         times.forward += time.perf_counter() - t0
         times.images += len(targets)
-        if torch.isfinite(loss):
-            for k in LOGGED_LOSSES:
-                if k in losses:
-                    times.losses[k] = times.losses.get(k, 0.0) + float(losses[k].detach())
-            times.losses["loss"] = times.losses.get("loss", 0.0) + float(loss.detach())
+        # the logged terms in one read (one host sync on a GPU, not one per term)
+        logged = [k for k in LOGGED_LOSSES if k in losses] + ["loss"]
+        values = torch.stack([losses[k].detach().float() for k in logged[:-1]] + [loss.detach().float()]).tolist()
+        finite = math.isfinite(values[-1])
+        if finite:
+            for k, value in zip(logged, values):
+                times.losses[k] = times.losses.get(k, 0.0) + value
             times.micro_steps += 1
-        return loss
+        return loss, finite
 
     def _boundary(self, loss: torch.Tensor, bad: bool, times: StepTimes) -> StepResult:
         """The window's last micro-batch: its backward (which reduces the gradients), then
@@ -164,19 +181,25 @@ class WindowStep:
         return StepResult(applied=applied, grad_norm=float(norm) if applied and norm is not None else None)
 
     def _step_zero0(self, bad: bool) -> StepResult:
-        """ZeRO-0: DeepSpeed would apply a NaN gradient (and reports no norm): look first."""
+        """ZeRO-0: DeepSpeed would apply a NaN gradient (and reports no norm): look first.
+        The clip is ours (one fused norm); under fp16 the gradients are unscaled first, and the
+        GradScaler, seeing the unscale's overflow, skips the update in engine.step()."""
         scaler = self.loss_scaler
-        scale = scaler.get_scale() if scaler is not None else 1.0
-        norm = None if bad else grad_norm(self.engine.module) / scale
-        if scaler is not None and not bad:
-            # the GradScaler sees an overflow itself: it skips the update and halves the scale
+        if bad:
+            self.engine.zero_grad()
+            return StepResult(applied=False, loss_scale=scaler.get_scale() if scaler is not None else None)
+        if scaler is not None:
+            scale = scaler.get_scale()
+            scaler.unscale_(self.engine.optimizer)
+            norm = clip_gradients(self.engine.module, self.clip_max_norm)
             self.engine.step()
             new_scale = scaler.get_scale()
             overflow = new_scale < scale
             return StepResult(applied=not overflow, overflow=overflow and scale > MIN_LOSS_SCALE,
                               grad_norm=None if overflow else norm, loss_scale=new_scale)
-        if bad or comm.any_rank(not math.isfinite(norm)):
+        norm = clip_gradients(self.engine.module, self.clip_max_norm)
+        if comm.any_rank(not math.isfinite(norm)):
             self.engine.zero_grad()
-            return StepResult(applied=False, loss_scale=scale if scaler is not None else None)
+            return StepResult(applied=False)
         self.engine.step()
         return StepResult(applied=True, grad_norm=norm)

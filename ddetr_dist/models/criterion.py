@@ -45,17 +45,27 @@ def validate_targets(targets: list[dict], batch_size: int, num_classes: int) -> 
         if boxes.dim() != 2 or boxes.shape[1] != 4 or len(boxes) != len(labels) or not boxes.is_floating_point():
             raise ValueError(f"targets[{i}]['boxes']: expected float [{len(labels)},4] (one cxcywh box per label), "
                              f"got {boxes.dtype} {tuple(boxes.shape)}")
-        if len(labels) == 0:
-            continue
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"targets[{i}]['labels']: values must be in 0..{num_classes - 1} "
-                             f"(model.num_classes={num_classes}), got {labels.min().item()}..{labels.max().item()}; "
-                             "raise model.num_classes or remap the category ids")
-        if not torch.isfinite(boxes).all():
-            raise ValueError(f"targets[{i}]['boxes']: contains NaN or inf; drop or fix those annotations")
-        if boxes.min() < -BOX_RANGE_TOLERANCE or boxes.max() > 1 + BOX_RANGE_TOLERANCE:
-            raise ValueError(f"targets[{i}]['boxes']: expected normalised cxcywh in 0..1, got values in "
-                             f"{boxes.min().item():.4g}..{boxes.max().item():.4g}; divide by the image (w, h, w, h)")
+    # the values of the whole batch in one look (one host sync on a GPU); per image only to say which
+    labels = torch.cat([t["labels"] for t in targets])
+    boxes = torch.cat([t["boxes"] for t in targets])
+    if len(labels) and bool((labels < 0).any() | (labels >= num_classes).any() | ~torch.isfinite(boxes).all()
+                            | (boxes < -BOX_RANGE_TOLERANCE).any() | (boxes > 1 + BOX_RANGE_TOLERANCE).any()):
+        for i, t in enumerate(targets):
+            _check_values(i, t["labels"], t["boxes"], num_classes)
+
+
+def _check_values(i: int, labels: torch.Tensor, boxes: torch.Tensor, num_classes: int) -> None:
+    if len(labels) == 0:
+        return
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"targets[{i}]['labels']: values must be in 0..{num_classes - 1} "
+                         f"(model.num_classes={num_classes}), got {labels.min().item()}..{labels.max().item()}; "
+                         "raise model.num_classes or remap the category ids")
+    if not torch.isfinite(boxes).all():
+        raise ValueError(f"targets[{i}]['boxes']: contains NaN or inf; drop or fix those annotations")
+    if boxes.min() < -BOX_RANGE_TOLERANCE or boxes.max() > 1 + BOX_RANGE_TOLERANCE:
+        raise ValueError(f"targets[{i}]['boxes']: expected normalised cxcywh in 0..1, got values in "
+                         f"{boxes.min().item():.4g}..{boxes.max().item():.4g}; divide by the image (w, h, w, h)")
 
 
 class SetCriterion(nn.Module):
@@ -107,8 +117,8 @@ class SetCriterion(nn.Module):
         tgt_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device, dtype=torch.float)
         return {"cardinality_error": F.l1_loss(card_pred, tgt_lengths)}
 
-    def _losses_for(self, outputs, targets, num_boxes, suffix: str = "") -> dict:
-        indices = self.matcher(outputs, targets)
+    def _losses_for(self, outputs, targets, num_boxes, suffix: str = "", indices=None) -> dict:
+        indices = self.matcher(outputs, targets) if indices is None else indices
         losses = self.loss_labels(outputs, targets, indices, num_boxes, log=not suffix)
         losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
         losses.update(self.loss_cardinality(outputs, targets, indices, num_boxes))
@@ -131,9 +141,12 @@ class SetCriterion(nn.Module):
                 num_boxes = comm.all_reduce_sum([num_boxes])[0] / comm.get_world_size()
         num_boxes = max(num_boxes, 1.0)
 
-        losses = self._losses_for(outputs, targets, num_boxes)
-        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self._losses_for(aux_outputs, targets, num_boxes, f"_{i}"))
+        # the last decoder layer and the earlier ones share the targets: matched in one go
+        aux = list(outputs.get("aux_outputs", []))
+        last, *earlier = self.matcher.match_layers([outputs, *aux], targets)
+        losses = self._losses_for(outputs, targets, num_boxes, indices=last)
+        for i, (aux_outputs, indices) in enumerate(zip(aux, earlier)):
+            losses.update(self._losses_for(aux_outputs, targets, num_boxes, f"_{i}", indices))
         if "enc_outputs" in outputs:
             # encoder proposals are trained class-agnostic: every target is class 0
             bin_targets = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets]

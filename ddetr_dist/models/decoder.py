@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from ddetr_dist.ops import MSDeformAttn
 
 from .box_ops import inverse_sigmoid
+from .dropout import Dropout
 from .encoder import clone_layers, with_pos_embed
 
 
@@ -20,16 +21,16 @@ class DeformableTransformerDecoderLayer(nn.Module):
         super().__init__()
         # registration order = the official state-dict order
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=msda_backend)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.activation = nn.ReLU()
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = nn.Dropout(dropout)
+        self.dropout4 = Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,

@@ -120,8 +120,9 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)
         mask_flatten = torch.cat(mask_flatten, 1)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-        if torch.compiler.is_exporting():
-            # the levels' sizes as expressions of the input's height and width (ops/levels.py)
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            # the levels' sizes as expressions of the input's height and width (ops/levels.py);
+            # compiled, a tensor's values read back (.tolist()) would break the graph at every layer
             spatial_shapes = [(h, w) for h, w in spatial_shapes]
             level_start_index = level_starts(spatial_shapes)
         else:

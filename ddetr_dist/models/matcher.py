@@ -41,10 +41,19 @@ class HungarianMatcher(nn.Module):
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """outputs: pred_logits [B,Q,C], pred_boxes [B,Q,4]; targets: per image labels [K],
         boxes [K,4] cxcywh -> per image (query indices, target indices), int64, min(Q,K) each."""
-        cost = self.cost_matrix(outputs, targets).float().cpu()
+        return self.match_layers([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, layers: list[dict], targets: list[dict]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """`forward` for each of several outputs against the same targets (the decoder's layers):
+        one cost computation and one copy to the host for all of them, not one per layer."""
+        stacked = {key: torch.cat([outputs[key] for outputs in layers]) for key in ("pred_logits", "pred_boxes")}
+        cost = self.cost_matrix(stacked, targets).float().cpu()  # [layers x B, Q, all targets]
         if not torch.isfinite(cost).all():
             raise FloatingPointError("HungarianMatcher: the predictions contain NaN or inf (has training diverged? "
                                      "try a lower learning rate or gradient clipping)")
         sizes = [len(t["boxes"]) for t in targets]
-        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
-        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+        per_image = [c.split(sizes, -1)[i % len(targets)] for i, c in enumerate(cost)]
+        matched = [linear_sum_assignment(c) for c in per_image]
+        indices = [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in matched]
+        return [indices[k:k + len(targets)] for k in range(0, len(indices), len(targets))]

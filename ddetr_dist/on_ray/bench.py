@@ -12,14 +12,15 @@ Target: DeepSpeed's overhead over the plain loop below 10% (ratio (b)/(a) above 
 With `--synthetic HxW` only (a) runs, on the GPU when there is one, on random HxW images
 with random boxes (no shards, no decoding: the model's speed and memory alone), under
 `train.precision`'s autocast; it also prints the peak GPU memory. `make gpu-check` runs
-  ddetr bench train --config configs/base.yaml --steps 15 --synthetic 800x1333 train.precision=bf16 ...
+  ddetr bench train --config configs/base.yaml --steps 15 --synthetic 800x1333 --compile train.precision=bf16 ...
+`--compile` compares eager with compiled training (train.compile) in the same run and prints the
+compile time (on_ray/bench_compile.py).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import itertools
 import json
 import os
 import socket
@@ -32,10 +33,11 @@ import torch
 from ddetr_dist.config import AUTO, COCO_NUM_CLASSES, Config, load_config, with_num_classes
 from ddetr_dist.engine.evaluate import outputs_to_float
 from ddetr_dist.engine.init_weights import with_classes_of_data
+from ddetr_dist.on_ray.bench_compile import compile_model, compile_summary, compiled_engine_rows
+from ddetr_dist.on_ray.synthetic import synthetic_batches
 
 PHASES = ("data", "forward", "backward", "allreduce", "optimizer")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
-OBJECTS_PER_IMAGE = 7  # of a synthetic image: about COCO's mean
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic", metavar="HxW", type=image_size, default=None,
                         help="only (a), on random HxW images (e.g. 800x1333; no shards needed), on the GPU "
                              "when there is one; also prints the peak GPU memory")
+    parser.add_argument("--compile", action="store_true", help="eager vs train.compile, and the compile time")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="also write the measured rows to PATH as JSON (make gpu-check reads it)")
     parser.add_argument("overrides", nargs="*", default=[], help="section.key=value config overrides")
@@ -57,6 +60,7 @@ class Measured:
     step_s: float
     phases: dict  # phase -> seconds per step
     peak_gpu_memory_gb: float | None = None  # torch's max_memory_allocated over the whole path (GiB)
+    warmup_s: float | None = None  # the warm-up steps' wall time (a compiled path's: with its compilations)
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -68,25 +72,6 @@ def image_size(text: str) -> tuple[int, int]:
     if height < 32 or width < 32:  # the backbone downsamples 32x
         raise argparse.ArgumentTypeError(f"images must be at least 32x32, got {text!r}")
     return height, width
-
-
-def synthetic_batches(cfg: Config, size: tuple[int, int], device: torch.device, distinct: int = 2):
-    """Random normalised images of `size` (no padding), each with OBJECTS_PER_IMAGE random
-    boxes, made once on `device` and repeated: the steps then time the model alone."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    batch_size, (height, width) = cfg.data.batch_size, size
-    batches = []
-    for _ in range(distinct):
-        images = torch.randn(batch_size, 3, height, width, generator=generator)
-        targets = []
-        for _ in range(batch_size):
-            centres = 0.2 + 0.6 * torch.rand(OBJECTS_PER_IMAGE, 2, generator=generator)
-            sizes = 0.05 + 0.3 * torch.rand(OBJECTS_PER_IMAGE, 2, generator=generator)
-            labels = torch.randint(1, cfg.model.num_classes, (OBJECTS_PER_IMAGE,), generator=generator)
-            targets.append({"labels": labels.to(device), "boxes": torch.cat([centres, sizes], -1).to(device)})
-        batches.append((images.to(device), torch.zeros(batch_size, height, width, dtype=torch.bool, device=device),
-                        targets))
-    return itertools.cycle(batches)
 
 
 class PlainStep:
@@ -131,7 +116,8 @@ class PlainStep:
             times[phase] += dt
 
 
-def plain_loop(cfg: Config, steps: int, batches=None, device: torch.device = torch.device("cpu")) -> Measured:
+def plain_loop(cfg: Config, steps: int, batches=None, device: torch.device = torch.device("cpu"),
+               compile: bool = False) -> Measured:
     """(a): what a user would write without DeepSpeed or Ray: `train.precision`'s autocast
     around the forward (losses in fp32, as the engine computes them), a GradScaler for fp16.
     `batches`: an iterator of (images, padding_mask, targets); default the train loader."""
@@ -145,6 +131,8 @@ def plain_loop(cfg: Config, steps: int, batches=None, device: torch.device = tor
     torch.manual_seed(cfg.seed)
     model, criterion, _ = build_model(cfg)
     model.to(device)
+    if compile:
+        compile_model(model)
     optimizer = build_optimizer(model, cfg.optim, cfg.model)
     if batches is None:
         batches = build_train_loader(dataclasses.replace(cfg.data, samples_per_epoch=10 ** 6), seed=cfg.seed,
@@ -154,20 +142,20 @@ def plain_loop(cfg: Config, steps: int, batches=None, device: torch.device = tor
     model.train()
     times = dict.fromkeys(PHASES, 0.0)
     images, start, tick = 0, 0.0, now()
-    warmup = steps
+    began = tick
     for step, (batch, mask, targets) in enumerate(batches):
-        if step == warmup:
+        if step == steps:  # the warm-up's end
             times, images, start = dict.fromkeys(PHASES, 0.0), 0, now()
             tick = start
         plain_step(batch, mask, targets, times, tick)
         images += len(targets)
         tick = now()
-        if step + 1 == warmup + steps:
+        if step + 1 == 2 * steps:
             break
     wall = now() - start
     return Measured("(a) plain PyTorch, 1 process", images / wall, wall / steps,
                     {k: v / steps for k, v in times.items()},
-                    torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None)
+                    torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None, start - began)
 
 
 @contextlib.contextmanager
@@ -264,11 +252,14 @@ def run_synthetic(cfg: Config, args: argparse.Namespace) -> int:
     height, width = args.synthetic
     print(f"bench train: {args.config}, synthetic {height}x{width} images, batch {cfg.data.batch_size}, "
           f"{cfg.train.precision}, {where}; {args.steps} warm-up + {args.steps} timed steps")
-    row = plain_loop(cfg, args.steps, synthetic_batches(cfg, args.synthetic, device), device)
-    row.name = f"(a) plain PyTorch, {device.type}, {height}x{width}"
-    print_table([row])
+    rows = [plain_loop(cfg, args.steps, synthetic_batches(cfg, args.synthetic, device), device, compile=c)
+            for c in ((False, True) if args.compile else (False,))]
+    for row, kind in zip(rows, ("", ", compiled")):
+        row.name = f"(a) plain PyTorch, {device.type}, {height}x{width}{kind}"
+    print_table(rows)
+    extra = compile_summary(rows[0], rows[1]) if args.compile else {}
     if args.json:
-        write_json(args.json, args, cfg, [row], synthetic=[height, width], device=where)
+        write_json(args.json, args, cfg, rows, synthetic=[height, width], device=where, **extra)
     return 0
 
 
@@ -285,6 +276,8 @@ def run(args: argparse.Namespace) -> int:
     rows = [plain_loop(cfg, args.steps)]
     with tempfile.TemporaryDirectory(prefix="ddetr-bench-train-") as tmp:
         with one_process_group():  # one for all: DeepSpeed keeps the groups it saw first
+            if args.compile:  # eager vs compiled ZeRO-0 engine loops only (compiling takes minutes)
+                return compiled_engine_rows(cfg, args, rows, Path(tmp))
             for stage in (0, 1, 2):
                 rows.append(engine_loop(cfg, stage, args.steps, Path(tmp)))
         torch.set_num_threads(previous_threads)

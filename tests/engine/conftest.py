@@ -13,6 +13,17 @@ SQUARE_SIDE = 96
 
 
 @pytest.fixture(scope="session")
+def one_process():
+    """This pytest process as a world of one (gloo), for the tests that build a DeepSpeed
+    engine in it: one group for the whole session, since DeepSpeed keeps the groups it saw
+    first and a second group would be unknown to it."""
+    from ddetr_dist.on_ray.bench import one_process_group
+
+    with one_process_group():
+        yield
+
+
+@pytest.fixture(scope="session")
 def square_data(tmp_path_factory):
     """16 train images of exactly 96x96 (noise with 1-3 boxes of 3 categories) in shards of
     4. With data.train_scales=[96], max_size 96 and crops of 96, every batch is 96x96 without

@@ -81,14 +81,6 @@ def test_without_background_the_job_runs_at_once_and_raises_there():
 # ----------------------------------------------------------------- the train loop, one process
 
 
-@pytest.fixture(scope="module")
-def one_process():  # one group for the module: DeepSpeed keeps the groups it saw first
-    from ddetr_dist.on_ray.bench import one_process_group
-
-    with one_process_group():
-        yield
-
-
 class RecordingCheckpointer(FolderCheckpointer):
     """Checks, whenever a checkpoint is registered, that it is complete then."""
 

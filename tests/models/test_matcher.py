@@ -80,3 +80,18 @@ def test_empty_targets_and_diverged_predictions():
         HungarianMatcher()(outputs, targets)
     with pytest.raises(ValueError, match="set_cost"):
         HungarianMatcher(0, 0, 0)
+
+
+def test_layers_matched_together_match_as_each_alone():
+    generator = torch.Generator().manual_seed(0)
+    layers, targets = [], None
+    for _ in range(3):  # three decoder layers' outputs against one batch's targets
+        outputs, new_targets = random_case(generator, 3, 6, [2, 0, 4])
+        layers.append(outputs)
+        targets = targets or new_targets
+    matcher = HungarianMatcher()
+    together = matcher.match_layers(layers, targets)
+    assert len(together) == 3
+    for outputs, indices in zip(layers, together):
+        alone = matcher(outputs, targets)
+        assert [(i.tolist(), j.tolist()) for i, j in indices] == [(i.tolist(), j.tolist()) for i, j in alone]
