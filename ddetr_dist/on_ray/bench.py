@@ -7,7 +7,7 @@
 
 Each path runs `--steps` optimizer steps of warm-up (op build, allocator, loader start),
 then is timed over `--steps` more (the second of two equal log windows). The one-process paths use every core the Ray workers share.
-Target: DeepSpeed's overhead over the plain loop below 10% (ratio (b)/(a) above 0.90).
+Targets: DeepSpeed's engine at least 0.98x the plain loop's images/s with ZeRO-0, 0.95x with ZeRO-1/2.
 
 With `--synthetic HxW` only (a) runs, on the GPU when there is one, on random HxW images
 with random boxes (no shards, no decoding: the model's speed and memory alone), under
@@ -36,6 +36,7 @@ from ddetr_dist.engine.init_weights import with_classes_of_data
 from ddetr_dist.on_ray.bench_compile import compile_model, compile_summary, compiled_engine_rows
 from ddetr_dist.on_ray.synthetic import synthetic_batches
 
+ZERO0_TARGET, ZERO_TARGET = 0.98, 0.95  # (b) / (a): ZeRO-0, ZeRO-1/2
 PHASES = ("data", "forward", "backward", "allreduce", "optimizer")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
 
@@ -228,9 +229,11 @@ def print_table(rows: list[Measured]) -> None:
               + "  ".join(f"{r.phases.get(p, 0.0):9.3f}" for p in PHASES))
     engines = [r for r in rows if r.name.startswith("(b)")]
     if engines:
-        worst = min(r.images_per_s / base.images_per_s for r in engines)
-        verdict = "met" if worst >= 0.90 else "NOT met"
-        print(f"\nDeepSpeed overhead target (every (b) >= 0.90 x (a)): {verdict} (worst {worst:.2f})")
+        print()
+    for r in engines:  # the targets: ZeRO-0 at least 0.98 x (a), every other stage 0.95
+        target = ZERO0_TARGET if "ZeRO-0" in r.name else ZERO_TARGET
+        ratio = r.images_per_s / base.images_per_s
+        print(f"{r.name}: {ratio:.2f} x (a), target {target:.2f}: {'met' if ratio >= target else 'NOT met'}")
     print("phases: seconds per optimizer step of one worker (rank 0); allreduce is DeepSpeed's gradient "
           "reduction at the step boundary, a part of backward")
     for r in rows:
