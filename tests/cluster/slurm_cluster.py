@@ -93,7 +93,13 @@ SlurmdTimeout=60
 InactiveLimit=0
 {"GresTypes=gpu" if any(gpus) else ""}
 {nodes}
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# preemption as a site sets it up: a job in `urgent` preempts those in `debug`, which get
+# --signal's signal at once (preempt_send_user_signal) and GraceTime to act on it
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=240
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
 """
 
 
@@ -217,7 +223,8 @@ class SlurmCluster:
         # jobs first (their processes live in the node namespaces; Network.remove() kills
         # whatever is left there), then the daemons this object started, by pid
         if "slurmctld" in self.processes and self.processes["slurmctld"].poll() is None:
-            self.client(["scancel", "--full", "--quiet", "--partition=debug"], check=False)
+            for partition in ("debug", "urgent"):
+                self.client(["scancel", "--full", "--quiet", f"--partition={partition}"], check=False)
         for name in reversed(list(self.processes)):
             p = self.processes[name]
             if p.poll() is None and name.startswith("slurmd"):

@@ -2,9 +2,10 @@
 PID namespace, named by host name, whose own name resolves to 127.0.1.1 on it as on Debian;
 node 0 has 2 CPUs and 2 logical GPUs, node 1 one of each): a 2-node job trains with one Ray
 worker per node, each node at its routable address, on the job's own ports and temp dirs,
-and stops its Ray; told that its time is up (SIGUSR1, as `--signal=B:USR1@300` does) it
-saves a checkpoint, requeues itself, and the requeued job resumes from that checkpoint; a
-cancelled job stays cancelled; a job with whole nodes gives each node's Ray that node's own
+and stops its Ray; preempted by a job of a higher partition (Slurm sends the script's
+`--signal`, SIGUSR1, at once: preempt_send_user_signal; the time limit's warning takes the same
+path) it saves a checkpoint, requeues itself, and the requeued job resumes from that
+checkpoint; a cancelled job stays cancelled; a job with whole nodes gives each node's Ray that node's own
 CPUs and GPUs. Needs root, `ip netns`, `unshare` and Debian's slurmctld, slurmd, slurm-client
 and munge: skipped without them, unless CI is set. The script's helpers (addresses, Ray's
 temp dir, Slurm's counts) are also tested alone, in a bash without Slurm.
@@ -90,21 +91,24 @@ class FinishedJob:
     info: dict  # scontrol show job, once COMPLETED
     log: str  # the job's output: both runs (--open-mode=append)
     run_dir: Path
-    signalled_at: int  # the newest logged step when SIGUSR1 was sent
+    preempted_at: int  # the newest logged step when the preempting job was submitted
     steps: int
+    urgent: dict  # scontrol show job of the job that preempted it, once COMPLETED
 
 
 @pytest.fixture(scope="module")
-def requeued_job(slurm, tiny_data, tmp_path_factory) -> FinishedJob:
-    """One 2-node job, the way a long run meets its time limit: once it trains it gets
-    SIGUSR1 (what `#SBATCH --signal=B:USR1@300` sends the batch shell), saves, requeues
-    itself, and the requeued job resumes and finishes. Each Ray start costs
-    ~1 minute on this machine: one job serves every check."""
+def preempted_job(slurm, tiny_data, tmp_path_factory) -> FinishedJob:
+    """One 2-node job, the way a spot-like partition loses its nodes: once it trains, a job in
+    the `urgent` partition (PriorityTier 2) needs both nodes, so Slurm preempts it and, with
+    preempt_send_user_signal, sends the batch shell the job's `--signal` (SIGUSR1) at once,
+    GraceTime before the kill; the script saves, requeues the job, the urgent job runs, and
+    the requeued job resumes and finishes. Each Ray start costs ~1 minute on this machine:
+    one job serves every check."""
     workdir = tmp_path_factory.mktemp("job")
     config = write_tiny_config(workdir / "tiny.yaml", tiny_data, workdir / "runs", "unused")
     # no periodic checkpoints and no epoch end (500 steps an epoch): the one it resumes from is
     # the one the signal asked for; steps enough (~0.35 s each here) that the run is still
-    # going when the script, having seen that checkpoint, requeues and stops it
+    # going when the script has it save and stop
     steps = 60
     job, out = submit(slurm, workdir, "ddtiny", config,  # data.val_shards= : no evaluation
                       f"ray.cpus_per_worker=1 train.max_steps={steps} train.checkpoint_every_steps=0 "
@@ -113,16 +117,18 @@ def requeued_job(slurm, tiny_data, tmp_path_factory) -> FinishedJob:
     wait_for(lambda: records(run_dir, "train") or slurm.job(job).get("JobState") not in {"PENDING", "RUNNING"},
              240, "the first step")
     assert records(run_dir, "train"), slurm.job(job).get("JobState") + out.read_text()[-5000:]
-    slurm.client(["scancel", "--batch", "--signal=USR1", str(job)])
-    signalled_at = max(r["step"] for r in records(run_dir, "train"))
-    info = slurm.wait_for_state(job, "COMPLETED", timeout=360, log=out)
-    return FinishedJob(job, info, out.read_text(), run_dir, signalled_at, steps)
+    urgent = slurm.sbatch(["--partition=urgent", "--nodes=2", "--cpus-per-task=1", "--gpus-per-node=0",
+                           f"--output={workdir / 'urgent.out'}", "--wrap", "sleep 1"], cwd=workdir)
+    preempted_at = max(r["step"] for r in records(run_dir, "train"))
+    info = slurm.wait_for_state(job, "COMPLETED", timeout=420, log=out)
+    return FinishedJob(job, info, out.read_text(), run_dir, preempted_at, steps,
+                       slurm.wait_for_state(urgent, "COMPLETED", timeout=30))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_two_node_job_trains_on_both_nodes_and_stops_its_ray(slurm, requeued_job):
-    job, log, run_dir = requeued_job.id, requeued_job.log, requeued_job.run_dir
+def test_two_node_job_trains_on_both_nodes_and_stops_its_ray(slurm, preempted_job):
+    job, log, run_dir = preempted_job.id, preempted_job.log, preempted_job.run_dir
     head, other = (node.address for node in slurm.net.nodes)
     port_base = 12000 + job % 40 * 500  # the job's own block of 500 ports
     assert f"ray.address={head}:{port_base}" in log and "ray.num_workers=2" in log, log
@@ -137,7 +143,7 @@ def test_two_node_job_trains_on_both_nodes_and_stops_its_ray(slurm, requeued_job
     for workers in records(run_dir, "workers"):  # one worker on each node, in both runs
         assert sorted(w["node_ip"] for w in workers["workers"]) == [head, other], workers
         assert len({w["node_id"] for w in workers["workers"]}) == 2
-    assert records(run_dir, "final")[-1]["step"] == requeued_job.steps
+    assert records(run_dir, "final")[-1]["step"] == preempted_job.steps
     assert (run_dir / "model_final.pth").exists()
     # each node ran Ray in its own temp dir (a worker node's `ray start --temp-dir` included),
     # every port Ray recorded there (GCS, agents, metrics) in the job's block ...
@@ -156,19 +162,25 @@ def test_two_node_job_trains_on_both_nodes_and_stops_its_ray(slurm, requeued_job
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_job_near_its_time_limit_requeues_itself_and_resumes(requeued_job):
-    job, log, run_dir, steps = requeued_job.id, requeued_job.log, requeued_job.run_dir, requeued_job.steps
-    assert requeued_job.info["Restarts"] == "1", requeued_job.info
-    assert "SIGUSR1 (the time limit is near): requeueing job" in log and f"job {job} (restart 1)" in log, log
-    assert requeued_job.signalled_at < steps, "the run finished before the signal"
-    # the signal made the run save (CHECKPOINT_NOW) before the requeue, and the requeued job
-    # resumed from that checkpoint, exactly (same workers, same stage)
-    assert "checkpoint saved" in log, log
-    requested = records(run_dir, "checkpoint_requested")
+def test_preempted_job_saves_requeues_itself_and_resumes_from_that_step(preempted_job):
+    job, log, run_dir, steps = preempted_job.id, preempted_job.log, preempted_job.run_dir, preempted_job.steps
+    assert preempted_job.info["Restarts"] == "1", preempted_job.info
+    assert "SIGUSR1 (the time limit is near, or the job is preempted): requeueing job" in log, log
+    assert f"job {job} (restart 1)" in log, log
+    assert preempted_job.preempted_at < steps, "the run finished before the preemption"
+    # the urgent job ran between the two runs of this one (StartTime: the requeued run's)
+    assert preempted_job.urgent["EndTime"] <= preempted_job.info["StartTime"], (preempted_job.urgent, preempted_job.info)
+    # the signal had the driver save (SIGTERM to it: its workers saved at their next step)
+    # before the requeue, and the requeued job resumed from that checkpoint, exactly (same
+    # workers, same stage)
+    assert "stopped on SIGTERM after saving a checkpoint" in log, log
+    notices = records(run_dir, "notice")
     resumed = records(run_dir, "resume")
-    assert len(requested) == 1 and requested[0]["step"] < steps, requested
-    assert len(resumed) == 1 and resumed[0]["step"] == requested[0]["step"] and resumed[0]["exact"], resumed
-    # the requeued job continued the same run (same name: the job id survives a requeue)
+    assert len(notices) == 1 and notices[0]["source"] == "driver", notices
+    assert preempted_job.preempted_at <= notices[0]["step"] < steps, notices
+    assert len(resumed) == 1 and resumed[0]["step"] == notices[0]["step"] and resumed[0]["exact"], resumed
+    # the requeued job continued the same run (same name: the job id survives a requeue),
+    # every step logged once
     assert [r["step"] for r in records(run_dir, "train")] == list(range(1, steps + 1))
     assert records(run_dir, "final")[-1]["step"] == steps
 
