@@ -15,6 +15,7 @@ VERBOSE_ENV = "DDETR_VERBOSE"
 # also those inside contextlib.redirect_stdout (pycocotools' progress), to the console
 RAY_QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # torch deprecates the collectives DeepSpeed's ZeRO calls; nothing a user can change
+RAY_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 TORCH_DEPRECATIONS = r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"
 
 
@@ -26,6 +27,14 @@ def ray_train_log_level() -> str:
     """Ray Train's own loggers (`ray.train`, in the driver's controller and the workers):
     its per-report and per-checkpoint INFO lines repeat what our lines say."""
     return "INFO" if verbose() else "WARNING"
+
+
+def quiet_local_ray() -> None:
+    """Before a local Ray starts for a run: Ray's WARNING that it turned token authentication
+    on (a token exists in ~/.ray) asks the user to opt out; this Ray listens on 127.0.0.1
+    only, for this run, so there is nothing to act on. No-op with DDETR_VERBOSE=1."""
+    if not verbose():
+        logging.getLogger(RAY_AUTH_SETUP_LOGGER).setLevel(logging.ERROR)
 
 
 def quiet_libraries() -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddetr_dist.config import Config, ConfigError, check_training_config, save_config, to_dict
-from ddetr_dist.console import RAY_QUIET_ENV, ray_train_log_level, verbose
+from ddetr_dist.console import RAY_QUIET_ENV, quiet_local_ray, ray_train_log_level, verbose
 from ddetr_dist.engine.deepspeed_config import check_precision
 from ddetr_dist.engine.run_dir import RunDir
 from ddetr_dist.engine.run_store import RunStore
@@ -133,6 +133,7 @@ def connect_ray(cfg: Config) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     log.info("starting a local Ray on %s for this run", LOCAL_RAY_ADDRESS)
+    quiet_local_ray()
     # with its dashboard (on 127.0.0.1): Ray Train's state queries need it
     # address="local": a new Ray even when a `ray start` cluster runs on this machine (plain
     # ray.init() would join that one, which the user did not name)

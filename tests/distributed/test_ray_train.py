@@ -24,7 +24,10 @@ def test_two_workers_zero2_train_and_write_the_run_directory(tiny_data, tmp_path
     # relative paths, as a user in a project directory writes them: relative to where `ddetr train` runs
     (tmp_path / "data").symlink_to(tiny_data)
     config = write_tiny_config(tmp_path / "tiny.yaml", "data", "runs", "e2e")
-    done = run_train(config, "train.zero_stage=2", "train.max_steps=10", "train.checkpoint_every_steps=5", cwd=tmp_path)
+    # a token there is (as after `ray get-auth-token --generate`): Ray turns token auth on for
+    # the local Ray and would warn about it on the console
+    done = run_train(config, "train.zero_stage=2", "train.max_steps=10", "train.checkpoint_every_steps=5", cwd=tmp_path,
+                     env={"RAY_AUTH_TOKEN": "5" * 64})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
     train = records(run_dir, "train")
@@ -66,6 +69,7 @@ def assert_console_reads_as_lines(console: str) -> None:
     lines = [ray_prefix.sub("", line).strip() for line in console.splitlines()]
     assert not [line for line in lines if line.startswith("{")], console[-3000:]
     assert "TrainingReport(" not in console and "Checkpoint successfully created" not in console, console[-3000:]
+    assert "Token authentication is enabled" not in console, console[-3000:]
     assert any(" step " in line and " ETA " in line for line in lines), console[-3000:]
     assert any(line.startswith("ddetr predict ") and "--checkpoint" in line for line in lines), console[-3000:]
 
