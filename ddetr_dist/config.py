@@ -135,7 +135,7 @@ class TrainConfig:
 
     max_steps: int = 0  # optimizer steps in all; 0 = run optim.epochs
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; parameters and optimizer stay fp32)
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (one worker runs ZeRO-1/2 as 0: nothing to partition)
     grad_accum: int = 1  # micro-batches per optimizer step
     loss_scale_power: int = 16  # fp16: the dynamic loss scale starts at 2**this
     loss_scale_window: int = 1000  # fp16: steps without overflow before the loss scale doubles

@@ -40,13 +40,34 @@ def check_precision(cfg: Config) -> None:
                           f"'train.loss_scale_window' ({t.loss_scale_window}, >= 1) are out of range")
 
 
+def engine_stage(zero_stage: int, world_size: int) -> int:
+    """The ZeRO stage the DeepSpeed engine runs at, for `train.zero_stage` on `world_size`
+    ranks: the same, except ZeRO-1/2 on one rank, which run as ZeRO-0 (nothing to partition;
+    see above). A checkpoint is the same either way (engine/portable.py), so runs of either
+    kind resume each other. ZeRO-3 stays ZeRO-3: it also partitions the parameters, which
+    evaluation and checkpoints gather collectively."""
+    return 0 if world_size == 1 and zero_stage in (1, 2) else zero_stage
+
+
+def _engine_zero_stage(cfg: Config, world_size: int) -> int:
+    """engine_stage for `cfg`, said once at INFO when it is not the stage asked for (the
+    Trainer builds the DeepSpeed config once per start)."""
+    stage = engine_stage(cfg.train.zero_stage, world_size)
+    if stage != cfg.train.zero_stage:
+        log.info("train.zero_stage=%d on one rank: the DeepSpeed engine runs as ZeRO-%d (one rank has nothing to "
+                 "partition; ZeRO's partition bookkeeping would only copy every gradient and weight each step). "
+                 "Checkpoints are the same and resume at any world size and stage.", cfg.train.zero_stage, stage)
+    return stage
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """Raises ConfigError for what DeepSpeed cannot run (before any worker starts: the
-    driver generates it for the run directory)."""
-    check_precision(cfg)
+    driver generates it for the run directory). Its stage is `engine_stage`'s."""
+    check_precision(cfg)  # on train.zero_stage: what the user asked must be valid at every world size
     t = cfg.train
-    zero: dict = {"stage": t.zero_stage}
-    if t.zero_stage == 3:
+    stage = _engine_zero_stage(cfg, world_size)
+    zero: dict = {"stage": stage}
+    if stage == 3:
         # our model is small per layer: keep every parameter partitioned, and never gather
         # a 16-bit copy on save (the world-size-free checkpoint gathers fp32 itself)
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
@@ -55,7 +76,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": cfg.data.batch_size * t.grad_accum * world_size,
         # ZeRO-0: the loop clips, with the one fused norm it also logs (engine/step.py)
-        "gradient_clipping": cfg.optim.clip_max_norm if t.zero_stage > 0 else 0.0,
+        "gradient_clipping": cfg.optim.clip_max_norm if stage > 0 else 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW with our parameter groups
         "steps_per_print": 10 ** 9,  # we log; DeepSpeed's own step prints would interleave

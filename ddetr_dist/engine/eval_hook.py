@@ -11,6 +11,7 @@ import torch
 from ddetr_dist.atomic import atomic_open
 from ddetr_dist import comm
 from ddetr_dist.config import Config
+from ddetr_dist.engine.deepspeed_config import engine_stage
 from ddetr_dist.engine.evaluate import REPORTED, evaluate, ground_truth
 from ddetr_dist.engine.metrics import MetricsLog
 from ddetr_dist.engine.pictures import PredictionPictures
@@ -56,7 +57,8 @@ class EvalHook:
         # eagerly under train.compile (engine/compile.py): other sizes, too few images to repay a compile
         with torch.compiler.set_stance("force_eager"):
             result = evaluate(module, self.criterion, self.postprocess, cfg, self.device, out.path, self.gt,
-                              progress=comm.get_rank() == 0, lockstep=cfg.train.zero_stage == 3)
+                              progress=comm.get_rank() == 0,
+                              lockstep=engine_stage(cfg.train.zero_stage, comm.get_world_size()) == 3)
             picture = self.pictures.render(module, self.postprocess, self.device) if self.pictures else None
         module.train()
         self.last_step = step

@@ -89,8 +89,8 @@ class Trainer:
         model = self._build_model_and_loader()
         with checkpointer.latest() as resume_dir:
             self._build_engine(model, resume_dir)
-        self.stepper = WindowStep(self.engine, self.criterion, self.device, cfg.train.zero_stage, self.loss_scaler,
-                                  cfg.optim.clip_max_norm)
+        self.stepper = WindowStep(self.engine, self.criterion, self.device, self.progress.engine_stage,
+                                  self.loss_scaler, cfg.optim.clip_max_norm)
         self.window = MetricsWindow(self.world_size, cfg.train.log_every_steps, self.total_steps, self.device,
                                     self.criterion.weight_dict, self.loss_scaler, self.steps_per_epoch,
                                     cfg.train.grad_accum)

@@ -2,7 +2,10 @@
 state by parameter name, gathered from however DeepSpeed partitioned them, and loaded back
 re-cut for any world size and ZeRO stage. It is a checkpoint's only copy of the weights
 (engine/train_state.py): every resume, exact or resized (engine/resume.py), loads it, and
-`model_final.pth` (engine/final_outputs.py) is its model."""
+`model_final.pth` (engine/final_outputs.py) is its model.
+
+The `zero_stage` of the functions here is the engine's (deepspeed_config.engine_stage: a
+one-rank ZeRO-1/2 run's engine is ZeRO-0), checked against the engine itself."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,6 +26,15 @@ def _own_cpu_copy(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     if value.data_ptr() == source.data_ptr() or value._base is not None:
         return value.clone()
     return value
+
+
+def _check_stage(engine, zero_stage: int) -> None:
+    """A stage other than the engine's would lose the AdamW state without a word (DeepSpeed's
+    getters and setters return None or do nothing for state its optimizer does not hold)."""
+    actual = engine.zero_optimization_stage()
+    if actual != zero_stage:
+        raise RuntimeError(f"portable state of a ZeRO-{actual} engine handled as ZeRO-{zero_stage}: pass the "
+                           "engine's stage (deepspeed_config.engine_stage), not train.zero_stage")
 
 
 def _full_param(p: torch.nn.Parameter) -> torch.Tensor:
@@ -130,6 +142,7 @@ class PortableSnapshot:
 def snapshot_portable(engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> PortableSnapshot:
     """The part of `portable_state` the training must wait for. Collective under ZeRO-3 only
     (its parameters are gathered here); ZeRO-1/2 keep this rank's fragments for `assemble`."""
+    _check_stage(engine, zero_stage)
     rank0 = comm.get_rank() == 0
     module = engine.module
     relink_optimizer_fragments(engine)
@@ -208,6 +221,7 @@ def load_portable_optimizer(portable: dict, engine, optimizer: torch.optim.Optim
     would; then overwrite the moments and the step count."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
+    _check_stage(engine, zero_stage)
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     if zero_stage == 3:
         _create_zero3_adam_state(engine)

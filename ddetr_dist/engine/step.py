@@ -31,6 +31,7 @@ import torch
 from ddetr_dist import comm
 from ddetr_dist.engine.evaluate import outputs_to_float
 from ddetr_dist.engine.metrics_window import StepTimes
+from ddetr_dist.engine.stale_gradients import StaleGradients, frees_late
 from ddetr_dist.engine.zero_grad_norm import use_fused_grad_norm
 
 MIN_LOSS_SCALE = 1.0
@@ -78,7 +79,8 @@ def window_num_boxes(window: list) -> float:
 
 
 class WindowStep:
-    """Runs optimizer steps on one rank's DeepSpeed engine: `run(window, times)`."""
+    """Runs optimizer steps on one rank's DeepSpeed engine: `run(window, times)`. `zero_stage`:
+    the engine's (deepspeed_config.engine_stage: ZeRO-1/2 on one rank run as ZeRO-0)."""
 
     def __init__(self, engine, criterion, device: torch.device, zero_stage: int,
                  loss_scaler: torch.amp.GradScaler | None = None, clip_max_norm: float = 0.0):
@@ -93,6 +95,8 @@ class WindowStep:
             # one rank has nothing to reduce: DeepSpeed would still flatten every gradient into
             # a buffer, "average" it over one rank and copy it back, each step
             engine.enable_backward_allreduce = False
+        # ZeRO-0 on a CPU: gradients freed before the next backward, not after the update (page faults)
+        self.stale_gradients = StaleGradients(engine, frees_late(zero_stage, device))
 
     def _time_allreduce(self) -> None:
         """Wrap DeepSpeed's boundary gradient reduction to time it (one clock read each)."""
@@ -123,7 +127,7 @@ class WindowStep:
                 return self._boundary(loss, bad, times)
             t0 = time.perf_counter()
             if finite and not bad:
-                self.engine.backward(loss)  # no reduction before the boundary
+                self._backward(loss)  # no reduction before the boundary
             self.engine.step()  # off the boundary DeepSpeed only counts the micro-step
             times.backward += time.perf_counter() - t0
         raise ValueError("an empty accumulation window")
@@ -154,6 +158,10 @@ class WindowStep:
             times.micro_steps += 1
         return loss, finite
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.stale_gradients.free_before_backward()  # the last step's, if it left them (ZeRO-0 on a CPU)
+        self.engine.backward(loss)
+
     def _boundary(self, loss: torch.Tensor, bad: bool, times: StepTimes) -> StepResult:
         """The window's last micro-batch: its backward (which reduces the gradients), then
         the update or the skip."""
@@ -162,9 +170,9 @@ class WindowStep:
         if self.zero_stage > 0:
             # a bad window: NaN gradients make DeepSpeed's overflow check skip the step and
             # clear the partitioned gradients it accumulated (our own skip could not reach them)
-            self.engine.backward(loss * float("nan") if bad else loss)
+            self._backward(loss * float("nan") if bad else loss)
         elif not bad:
-            self.engine.backward(loss)
+            self._backward(loss)
         t1 = time.perf_counter()
         result = self._step_zero0(bad) if self.zero_stage == 0 else self._step_zero()
         times.backward += t1 - t0

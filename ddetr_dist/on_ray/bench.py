@@ -2,11 +2,14 @@
 (this machine is noisy: compare within a run) and printed as ratios to the plain loop:
 
   (a) plain PyTorch in one process: loader -> model -> losses -> backward -> clip -> AdamW
-  (b) our DeepSpeed engine loop in one process, ZeRO 0, 1 and 2
+  (b) our DeepSpeed engine loop in one process, ZeRO 0, 1 and 2 (one process runs ZeRO-1/2's
+      engine as ZeRO-0, as `ddetr train` does with one worker: deepspeed_config.engine_stage)
   (c) the full `ddetr train` path: Ray, 2 workers (DeepSpeed ZeRO-0, gloo all-reduce)
 
 Each path runs `--steps` optimizer steps of warm-up (op build, allocator, loader start),
 then is timed over `--steps` more (the second of two equal log windows). The one-process paths use every core the Ray workers share.
+(a) and (b) run `--rounds` times, in turn, and each counts its best round: noise on a shared
+machine only ever slows a path down, and drift then hits every path alike.
 Targets: DeepSpeed's engine at least 0.98x the plain loop's images/s with ZeRO-0, 0.95x with ZeRO-1/2.
 
 With `--synthetic HxW` only (a) runs, on the GPU when there is one, on random HxW images
@@ -44,6 +47,7 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision ->
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"))
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per path (as many warm up first)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of (a) and (b), in turn; each path's best counts")
     parser.add_argument("--no-ray", action="store_true", help="skip (c), the Ray path")
     parser.add_argument("--synthetic", metavar="HxW", type=image_size, default=None,
                         help="only (a), on random HxW images (e.g. 800x1333; no shards needed), on the GPU "
@@ -275,14 +279,16 @@ def run(args: argparse.Namespace) -> int:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the one-process paths get the cores the Ray workers share
     print(f"bench train: {args.config}, batch {cfg.data.batch_size}/process, {args.steps} warm-up + {args.steps} "
-          f"timed steps per path, {threads} threads per one-process path")
-    rows = [plain_loop(cfg, args.steps)]
+          f"timed steps per path, {threads} threads per one-process path, the best of {args.rounds} rounds")
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="ddetr-bench-train-") as tmp:
         with one_process_group():  # one for all: DeepSpeed keeps the groups it saw first
             if args.compile:  # eager vs compiled ZeRO-0 engine loops only (compiling takes minutes)
-                return compiled_engine_rows(cfg, args, rows, Path(tmp))
-            for stage in (0, 1, 2):
-                rows.append(engine_loop(cfg, stage, args.steps, Path(tmp)))
+                return compiled_engine_rows(cfg, args, [plain_loop(cfg, args.steps)], Path(tmp))
+            for r in range(args.rounds):
+                rounds.append([plain_loop(cfg, args.steps)]
+                              + [engine_loop(cfg, stage, args.steps, Path(tmp) / f"round{r}") for stage in (0, 1, 2)])
+        rows = [max(runs, key=lambda m: m.images_per_s) for runs in zip(*rounds)]
         torch.set_num_threads(previous_threads)
         if not args.no_ray:
             rows.append(ray_path(cfg, args.steps, Path(tmp)))

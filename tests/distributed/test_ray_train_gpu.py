@@ -23,7 +23,9 @@ STEPS = 6
 EPOCH_STEPS = 4
 
 
-@pytest.mark.parametrize("precision, zero_stage", [("bf16", 2), ("fp16", 0)], ids=["bf16-zero2", "fp16-zero0"])
+# one GPU, one rank: ZeRO-1/2 would run as stage 0 (deepspeed_config.engine_stage); ZeRO-3 keeps
+# its partitioned parameters and their NCCL gathers on one rank too
+@pytest.mark.parametrize("precision, zero_stage", [("bf16", 3), ("fp16", 0)], ids=["bf16-zero3", "fp16-zero0"])
 def test_one_gpu_worker_trains_and_evaluates_under_nccl(tiny_data, tmp_path, precision, zero_stage):
     name = f"gpu-{precision}"
     config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", name)

@@ -43,8 +43,11 @@ def test_zero_fused_gradient_norm_equals_deepspeeds_own(stage, one_process):
     deepspeed = import_deepspeed()
     cfg = load_config(None, ["data.batch_size=1", f"train.zero_stage={stage}"])
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    ds_config = deepspeed_config(cfg, world_size=1)
+    # DeepSpeed's ZeRO optimizer itself, in this one-rank process (our config builds one rank as ZeRO-0)
+    ds_config["zero_optimization"]["stage"] = stage
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
-                                      config=deepspeed_config(cfg, world_size=1), dist_init_required=False)
+                                      config=ds_config, dist_init_required=False)
     zero = engine.optimizer
     per_gradient = zero.get_grad_norm_direct
     assert use_fused_grad_norm(zero)

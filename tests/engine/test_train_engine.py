@@ -36,18 +36,22 @@ def test_zero_stages_give_the_losses_of_stage_0(tiny_data, tmp_path):
                                    msg=f"ZeRO-{stage} vs stage 0")
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_data, tmp_path, stage):
+@pytest.mark.parametrize("stage, world", [(0, 2), (2, 2), (3, 2), (2, 1)],
+                         ids=["zero0", "zero2", "zero3", "zero2-1-rank"])
+def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_data, tmp_path, stage, world):
     # loader workers on: the fast-forward must replay their interleaving exactly
     common = [f"train.zero_stage={stage}", "data.num_workers=2", "model.dropout=0.1"]
     whole = run_trainer(tiny_config(tiny_data, tmp_path, "name=whole", "train.max_steps=6",
-                                    "train.checkpoint_every_steps=3", *common), 2, tmp_path / "whole")
-    first = run_trainer(tiny_config(tiny_data, tmp_path, "name=split", "train.max_steps=3", *common), 2,
+                                    "train.checkpoint_every_steps=3", *common), world, tmp_path / "whole")
+    first = run_trainer(tiny_config(tiny_data, tmp_path, "name=split", "train.max_steps=3", *common), world,
                         tmp_path / "split")
     assert first["progress"]["step"] == 3 and first["progress"]["batches_in_epoch"] == 3  # stopped mid-epoch
-    resumed = run_trainer(tiny_config(tiny_data, tmp_path, "name=split", "train.max_steps=6", *common), 2,
+    resumed = run_trainer(tiny_config(tiny_data, tmp_path, "name=split", "train.max_steps=6", *common), world,
                           tmp_path / "split")
     assert resumed["progress"]["step"] == 6
+    # one rank: the engine runs ZeRO-2 as stage 0 (deepspeed_config.engine_stage), resumed all the same
+    ran = json.loads((tmp_path / "split" / "deepspeed_config.json").read_text())["zero_optimization"]["stage"]
+    assert ran == (0 if world == 1 else stage)
     for name, value in whole["params"].items():
         assert torch.equal(resumed["params"][name], value), name
     assert train_losses(tmp_path / "split") == train_losses(tmp_path / "whole")
@@ -55,20 +59,24 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tiny_data, tmp_path, stage
     assert events.count("resume") == 1
 
 
-@pytest.mark.parametrize("saved_stage, stage", [(2, 2), (3, 3), (2, 3)])
-def test_checkpoint_of_2_workers_resumes_with_1(tiny_data, tmp_path, saved_stage, stage):
+# 2 -> 1 is an elastic run losing a node (docs/elastic.md), 1 -> 2 one getting it back; a
+# one-rank ZeRO-1/2 engine runs as stage 0 (deepspeed_config.engine_stage), its checkpoints the same
+@pytest.mark.parametrize("saved_world, saved_stage, world, stage",
+                         [(2, 2, 1, 2), (2, 3, 1, 3), (2, 2, 1, 3), (1, 2, 2, 2), (1, 1, 2, 2)],
+                         ids=["zero2-2to1", "zero3-2to1", "zero2to3-2to1", "zero2-1to2", "zero1to2-1to2"])
+def test_checkpoint_resumes_at_another_world_size(tiny_data, tmp_path, saved_world, saved_stage, world, stage):
     run_dir = tmp_path / "resize"
     run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=4", f"train.zero_stage={saved_stage}"),
-                2, run_dir)
+                saved_world, run_dir)
     saved_dir = run_dir / "checkpoints" / "step_00000004"
-    check_a_missing_rank_part_is_refused(saved_dir, tmp_path / "broken")
+    check_a_missing_rank_part_is_refused(saved_dir, tmp_path / "broken", saved_world - 1)
     saved = torch.load(saved_dir / "portable.pt", weights_only=True)
     shutil.copytree(saved_dir, tmp_path / "saved")
-    # same step: nothing to train; the 1-worker engine re-saves what it loaded
-    run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=4", f"train.zero_stage={stage}"), 1,
-                run_dir)
+    # same step: nothing to train; the new engine re-saves what it loaded
+    run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=4", f"train.zero_stage={stage}"),
+                world, run_dir)
     reloaded = torch.load(saved_dir / "portable.pt", weights_only=True)
-    assert json.loads((saved_dir / "meta.json").read_text())["world_size"] == 1
+    assert json.loads((saved_dir / "meta.json").read_text())["world_size"] == world
     assert reloaded["adam_step"] == saved["adam_step"] == 4
     for name, value in saved["model"].items():
         assert torch.equal(reloaded["model"][name], value), name
@@ -78,22 +86,22 @@ def test_checkpoint_of_2_workers_resumes_with_1(tiny_data, tmp_path, saved_stage
             assert torch.equal(reloaded["adam"][name][key], value), (name, key)
     # and it trains on from there
     out = run_trainer(tiny_config(tiny_data, tmp_path, "name=resize", "train.max_steps=6", f"train.zero_stage={stage}"),
-                      1, run_dir)
-    assert out["progress"]["step"] == 6 and out["progress"]["world_size"] == 1
+                      world, run_dir)
+    assert out["progress"]["step"] == 6 and out["progress"]["world_size"] == world
     assert all(torch.isfinite(p).all() for p in out["params"].values())
     resume = [r for r in read_metrics(run_dir) if r.get("event") == "resume"]
-    assert [r["exact"] for r in resume] == [False, True] and resume[0]["from_world_size"] == 2
-    assert "ray.num_workers (world size) 2 -> 1" in resume[0]["changed"]
+    assert [r["exact"] for r in resume] == [False, True] and resume[0]["from_world_size"] == saved_world
+    assert f"ray.num_workers (world size) {saved_world} -> {world}" in resume[0]["changed"]
 
 
-def check_a_missing_rank_part_is_refused(saved_dir, broken):
-    """Every rank's files are listed in meta.json: a checkpoint without rank 1's is
+def check_a_missing_rank_part_is_refused(saved_dir, broken, rank):
+    """Every rank's files are listed in meta.json: a checkpoint without rank `rank`'s is
     incomplete, by name (its folder alone does not make it complete)."""
     shutil.copytree(saved_dir, broken)
-    rank_1_parts = [p for p in broken.rglob("*") if p.is_file() and "rank_1" in p.name]
-    assert rank_1_parts
-    rank_1_parts[0].unlink()
-    with pytest.raises(IncompleteCheckpointError, match=rank_1_parts[0].name):
+    rank_parts = [p for p in broken.rglob("*") if p.is_file() and f"rank_{rank}" in p.name]
+    assert rank_parts
+    rank_parts[0].unlink()
+    with pytest.raises(IncompleteCheckpointError, match=rank_parts[0].name):
         check_complete(broken, Progress.read(broken))
     shutil.rmtree(broken)
 
