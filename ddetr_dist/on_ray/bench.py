@@ -6,11 +6,10 @@
       engine as ZeRO-0, as `ddetr train` does with one worker: deepspeed_config.engine_stage)
   (c) the full `ddetr train` path: Ray, 2 workers (DeepSpeed ZeRO-0, gloo all-reduce)
 
-Each path runs `--steps` optimizer steps of warm-up (op build, allocator, loader start),
-then is timed over `--steps` more (the second of two equal log windows). The one-process paths use every core the Ray workers share.
-(a) and (b) run `--rounds` times, in turn, and each counts its best round: noise on a shared
-machine only ever slows a path down, and drift then hits every path alike.
-Targets: DeepSpeed's engine at least 0.98x the plain loop's images/s with ZeRO-0, 0.95x with ZeRO-1/2.
+Each path runs `--steps` optimizer steps of warm-up, then `--steps` timed ones; the one-process
+paths use every core the Ray workers share. (a) and (b) take their steps in turn
+(on_ray/bench_paired.py): a (b) row's ratio is to the (a) steps beside it. Targets: the engine
+at least 0.98x the plain loop's images/s with ZeRO-0, 0.95x with ZeRO-1/2.
 
 With `--synthetic HxW` only (a) runs, on the GPU when there is one, on random HxW images
 with random boxes (no shards, no decoding: the model's speed and memory alone), under
@@ -37,6 +36,7 @@ from ddetr_dist.config import AUTO, COCO_NUM_CLASSES, Config, load_config, with_
 from ddetr_dist.engine.evaluate import outputs_to_float
 from ddetr_dist.engine.init_weights import with_classes_of_data
 from ddetr_dist.on_ray.bench_compile import compile_model, compile_summary, compiled_engine_rows
+from ddetr_dist.on_ray.bench_paired import engine_trainer, paired_rows
 from ddetr_dist.on_ray.synthetic import synthetic_batches
 
 ZERO0_TARGET, ZERO_TARGET = 0.98, 0.95  # (b) / (a): ZeRO-0, ZeRO-1/2
@@ -47,7 +47,6 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision ->
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"))
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per path (as many warm up first)")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of (a) and (b), in turn; each path's best counts")
     parser.add_argument("--no-ray", action="store_true", help="skip (c), the Ray path")
     parser.add_argument("--synthetic", metavar="HxW", type=image_size, default=None,
                         help="only (a), on random HxW images (e.g. 800x1333; no shards needed), on the GPU "
@@ -66,6 +65,7 @@ class Measured:
     phases: dict  # phase -> seconds per step
     peak_gpu_memory_gb: float | None = None  # torch's max_memory_allocated over the whole path (GiB)
     warmup_s: float | None = None  # the warm-up steps' wall time (a compiled path's: with its compilations)
+    beside: float | None = None  # images/s of the (a) steps run in turn with this path's (bench_paired.py)
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -121,30 +121,34 @@ class PlainStep:
             times[phase] += dt
 
 
+def plain_step_of(cfg: Config, device: torch.device = torch.device("cpu"), compile: bool = False) -> PlainStep:
+    """(a)'s model (seeded as the engine's), losses and AdamW, in train mode."""
+    from ddetr_dist.engine.optim import build_optimizer
+    from ddetr_dist.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    model, criterion, _ = build_model(cfg)
+    model.to(device).train()
+    if compile:
+        compile_model(model)
+    return PlainStep(cfg, model, criterion, build_optimizer(model, cfg.optim, cfg.model), device)
+
+
 def plain_loop(cfg: Config, steps: int, batches=None, device: torch.device = torch.device("cpu"),
                compile: bool = False) -> Measured:
     """(a): what a user would write without DeepSpeed or Ray: `train.precision`'s autocast
     around the forward (losses in fp32, as the engine computes them), a GradScaler for fp16.
     `batches`: an iterator of (images, padding_mask, targets); default the train loader."""
     from ddetr_dist.data import build_train_loader
-    from ddetr_dist.engine.optim import build_optimizer
-    from ddetr_dist.models import build_model
 
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(cfg.seed)
-    model, criterion, _ = build_model(cfg)
-    model.to(device)
-    if compile:
-        compile_model(model)
-    optimizer = build_optimizer(model, cfg.optim, cfg.model)
+    plain_step = plain_step_of(cfg, device, compile)
     if batches is None:
         batches = build_train_loader(dataclasses.replace(cfg.data, samples_per_epoch=10 ** 6), seed=cfg.seed,
                                      rank=0, world_size=1, pin_memory=cuda)
-    plain_step = PlainStep(cfg, model, criterion, optimizer, device)
     now = plain_step.now
-    model.train()
     times = dict.fromkeys(PHASES, 0.0)
     images, start, tick = 0, 0.0, now()
     began = tick
@@ -201,17 +205,10 @@ def timed_run(cfg: Config, name: str, steps: int, **ray) -> Config:
 
 
 def engine_loop(cfg: Config, stage: int, steps: int, workdir: Path) -> Measured:
-    """(b): the DeepSpeed engine loop of `ddetr train`, without Ray, in this process."""
-    from ddetr_dist.engine.checkpointers import FolderCheckpointer
-    from ddetr_dist.engine.loop import Trainer
-    from ddetr_dist.engine.run_dir import RunDir
-
-    cfg = timed_run(cfg, f"zero{stage}", steps)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, zero_stage=stage))
-    run_dir = RunDir(workdir / cfg.name)
-    run_dir.path.mkdir(parents=True)
-    Trainer(cfg, run_dir, FolderCheckpointer(run_dir)).fit()
-    return measured_from(f"(b) DeepSpeed ZeRO-{stage}, 1 process", last_window(run_dir), steps)
+    """(b) alone: the DeepSpeed engine loop of `ddetr train`, without Ray, in this process."""
+    trainer = engine_trainer(cfg, stage, steps, workdir)
+    trainer.fit()
+    return measured_from(f"(b) DeepSpeed ZeRO-{stage}, 1 process", last_window(trainer.run_dir.path), steps)
 
 
 def ray_path(cfg: Config, steps: int, workdir: Path) -> Measured:
@@ -229,15 +226,17 @@ def print_table(rows: list[Measured]) -> None:
     base = rows[0]
     print(f"\n{'path':<36} {'images/s':>9} {'x (a)':>6} {'s/step':>7}   " + "  ".join(f"{p:>9}" for p in PHASES))
     for r in rows:
-        print(f"{r.name:<36} {r.images_per_s:9.2f} {r.images_per_s / base.images_per_s:6.2f} {r.step_s:7.3f}   "
+        print(f"{r.name:<36} {r.images_per_s:9.2f} {r.images_per_s / (r.beside or base.images_per_s):6.2f} "
+              f"{r.step_s:7.3f}   "
               + "  ".join(f"{r.phases.get(p, 0.0):9.3f}" for p in PHASES))
     engines = [r for r in rows if r.name.startswith("(b)")]
     if engines:
         print()
     for r in engines:  # the targets: ZeRO-0 at least 0.98 x (a), every other stage 0.95
         target = ZERO0_TARGET if "ZeRO-0" in r.name else ZERO_TARGET
-        ratio = r.images_per_s / base.images_per_s
-        print(f"{r.name}: {ratio:.2f} x (a), target {target:.2f}: {'met' if ratio >= target else 'NOT met'}")
+        ratio = r.images_per_s / (r.beside or base.images_per_s)
+        beside = f" (the (a) steps beside it: {r.beside:.2f} images/s)" if r.beside else ""
+        print(f"{r.name}: {ratio:.2f} x (a){beside}, target {target:.2f}: {'met' if ratio >= target else 'NOT met'}")
     print("phases: seconds per optimizer step of one worker (rank 0); allreduce is DeepSpeed's gradient "
           "reduction at the step boundary, a part of backward")
     for r in rows:
@@ -279,16 +278,12 @@ def run(args: argparse.Namespace) -> int:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the one-process paths get the cores the Ray workers share
     print(f"bench train: {args.config}, batch {cfg.data.batch_size}/process, {args.steps} warm-up + {args.steps} "
-          f"timed steps per path, {threads} threads per one-process path, the best of {args.rounds} rounds")
-    rounds = []
+          f"timed steps per path, {threads} threads per one-process path")
     with tempfile.TemporaryDirectory(prefix="ddetr-bench-train-") as tmp:
         with one_process_group():  # one for all: DeepSpeed keeps the groups it saw first
             if args.compile:  # eager vs compiled ZeRO-0 engine loops only (compiling takes minutes)
                 return compiled_engine_rows(cfg, args, [plain_loop(cfg, args.steps)], Path(tmp))
-            for r in range(args.rounds):
-                rounds.append([plain_loop(cfg, args.steps)]
-                              + [engine_loop(cfg, stage, args.steps, Path(tmp) / f"round{r}") for stage in (0, 1, 2)])
-        rows = [max(runs, key=lambda m: m.images_per_s) for runs in zip(*rounds)]
+            rows = paired_rows(cfg, args.steps, Path(tmp))
         torch.set_num_threads(previous_threads)
         if not args.no_ray:
             rows.append(ray_path(cfg, args.steps, Path(tmp)))
