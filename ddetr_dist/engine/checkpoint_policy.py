@@ -96,8 +96,8 @@ class CheckpointPolicy:
             raise StopAfterSave(progress.step, self.stop_requested)
 
     def _asked(self, progress: Progress) -> bool:
-        """Whether someone asked for a checkpoint now: CHECKPOINT_NOW (the SLURM script
-        creates it before a time limit or requeue; anyone may; rank 0 looks and consumes it)
+        """Whether someone asked for a checkpoint now: CHECKPOINT_NOW (anyone may create
+        it: a checkpoint without stopping; rank 0 looks and consumes it)
         or a notice on any rank. One all-reduce per step tells every rank; only when some
         rank asked, a second collective gathers the notices, for the record and for
         `stop_requested` (the same on every rank)."""

@@ -129,7 +129,7 @@ def test_nonfinite_loss_on_one_rank_is_skipped_on_all(tiny_data, tmp_path):
 def test_a_checkpoint_now_file_makes_every_rank_save_at_the_next_step(tiny_data, tmp_path):
     run_dir = tmp_path / "asked"
     run_dir.mkdir()
-    (run_dir / "CHECKPOINT_NOW").touch()  # what launch/slurm/ddetr.sbatch does before a requeue
+    (run_dir / "CHECKPOINT_NOW").touch()  # a checkpoint asked for by hand or by a script
     run_trainer(tiny_config(tiny_data, tmp_path, "name=asked", "train.max_steps=3"), 2, run_dir)
     records = read_metrics(run_dir)
     assert [r["step"] for r in records if r.get("event") == "checkpoint_requested"] == [1]
