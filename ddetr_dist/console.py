@@ -14,8 +14,9 @@ VERBOSE_ENV = "DDETR_VERBOSE"
 # Ray Train reads these once, in every worker: its patched print would send every print,
 # also those inside contextlib.redirect_stdout (pycocotools' progress), to the console
 RAY_QUIET_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-# torch deprecates the collectives DeepSpeed's ZeRO calls; nothing a user can change
+# the logger of Ray's notice that a local Ray turned token authentication on (quiet_local_ray)
 RAY_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+# torch deprecates the collectives DeepSpeed's ZeRO calls; nothing a user can change
 TORCH_DEPRECATIONS = r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"
 
 

@@ -225,18 +225,20 @@ def ray_path(cfg: Config, steps: int, workdir: Path) -> Measured:
 def print_table(rows: list[Measured]) -> None:
     base = rows[0]
     print(f"\n{'path':<36} {'images/s':>9} {'x (a)':>6} {'s/step':>7}   " + "  ".join(f"{p:>9}" for p in PHASES))
+    def ratio(r: Measured) -> float:  # to the (a) steps beside it (bench_paired.py), else to (a)'s row
+        return r.images_per_s / (r.beside or base.images_per_s)
+
     for r in rows:
-        print(f"{r.name:<36} {r.images_per_s:9.2f} {r.images_per_s / (r.beside or base.images_per_s):6.2f} "
-              f"{r.step_s:7.3f}   "
+        print(f"{r.name:<36} {r.images_per_s:9.2f} {ratio(r):6.2f} {r.step_s:7.3f}   "
               + "  ".join(f"{r.phases.get(p, 0.0):9.3f}" for p in PHASES))
     engines = [r for r in rows if r.name.startswith("(b)")]
     if engines:
         print()
     for r in engines:  # the targets: ZeRO-0 at least 0.98 x (a), every other stage 0.95
         target = ZERO0_TARGET if "ZeRO-0" in r.name else ZERO_TARGET
-        ratio = r.images_per_s / (r.beside or base.images_per_s)
         beside = f" (the (a) steps beside it: {r.beside:.2f} images/s)" if r.beside else ""
-        print(f"{r.name}: {ratio:.2f} x (a){beside}, target {target:.2f}: {'met' if ratio >= target else 'NOT met'}")
+        print(f"{r.name}: {ratio(r):.2f} x (a){beside}, target {target:.2f}: "
+              f"{'met' if ratio(r) >= target else 'NOT met'}")
     print("phases: seconds per optimizer step of one worker (rank 0); allreduce is DeepSpeed's gradient "
           "reduction at the step boundary, a part of backward")
     for r in rows:
