@@ -11,7 +11,6 @@ import torch
 from ddetr_dist.atomic import atomic_open
 from ddetr_dist import comm
 from ddetr_dist.config import Config
-from ddetr_dist.engine.deepspeed_config import engine_stage
 from ddetr_dist.engine.evaluate import REPORTED, evaluate, ground_truth
 from ddetr_dist.engine.metrics import MetricsLog
 from ddetr_dist.engine.pictures import PredictionPictures
@@ -20,6 +19,12 @@ from ddetr_dist.engine.tensorboard import TensorBoardSink
 from ddetr_dist.engine.train_state import average_batchnorm_statistics
 
 log = logging.getLogger("ddetr_dist.train")
+
+
+def partitioned(module: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 has partitioned `module`'s parameters (each then carries DeepSpeed's
+    `ds_id`): every forward gathers them collectively, so the ranks evaluate in lockstep."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 class EvalHook:
@@ -58,7 +63,7 @@ class EvalHook:
         with torch.compiler.set_stance("force_eager"):
             result = evaluate(module, self.criterion, self.postprocess, cfg, self.device, out.path, self.gt,
                               progress=comm.get_rank() == 0,
-                              lockstep=engine_stage(cfg.train.zero_stage, comm.get_world_size()) == 3)
+                              lockstep=partitioned(module))
             picture = self.pictures.render(module, self.postprocess, self.device) if self.pictures else None
         module.train()
         self.last_step = step

@@ -58,7 +58,7 @@ def write_final_model(path: Path, engine, optimizer, cfg: Config, progress: Prog
     which the official code ignores). Collective (ZeRO gathers the parameters); rank 0
     writes. `shown`: its name in the log (a run in object storage: its URI)."""
     train_state.average_batchnorm_statistics(engine.module)
-    portable = portable_state(engine, optimizer, progress.engine_stage)
+    portable = portable_state(engine, optimizer)
     if comm.get_rank() == 0:
         out = {"model": portable["model"],
                METADATA_KEY: {"variant": variant_of(cfg.model), "config": dataclasses.asdict(cfg.model),

@@ -89,8 +89,7 @@ class Trainer:
         model = self._build_model_and_loader()
         with checkpointer.latest() as resume_dir:
             self._build_engine(model, resume_dir)
-        self.stepper = WindowStep(self.engine, self.criterion, self.device, self.progress.engine_stage,
-                                  self.loss_scaler, cfg.optim.clip_max_norm)
+        self.stepper = WindowStep(self.engine, self.criterion, self.device, self.loss_scaler, cfg.optim.clip_max_norm)
         self.window = MetricsWindow(self.world_size, cfg.train.log_every_steps, self.total_steps, self.device,
                                     self.criterion.weight_dict, self.loss_scaler, self.steps_per_epoch,
                                     cfg.train.grad_accum)
@@ -177,9 +176,10 @@ class Trainer:
                                 desc=f"epoch {p.epoch}") if self.rank == 0 and self.progress_bar else None
         self.window.start_epoch()
         batches = iter(self.loader)
+        window: list = []
         try:
             while p.step < self.total_steps and p.batches_in_epoch < self.batches_per_step_epoch:
-                window = self.window.next_batches(batches, k)
+                window = self.window.next_batches(batches, k, used=window)
                 if len(window) < k:
                     break  # the loader ended early (it yields whole epochs of whole steps)
                 self._optimizer_step(window)

@@ -4,8 +4,10 @@ re-cut for any world size and ZeRO stage. It is a checkpoint's only copy of the 
 (engine/train_state.py): every resume, exact or resized (engine/resume.py), loads it, and
 `model_final.pth` (engine/final_outputs.py) is its model.
 
-The `zero_stage` of the functions here is the engine's (deepspeed_config.engine_stage: a
-one-rank ZeRO-1/2 run's engine is ZeRO-0), checked against the engine itself."""
+Where the state lives depends on the ZeRO stage the engine runs at, which the functions here
+ask the engine itself: a one-rank ZeRO-1/2 run's engine is ZeRO-0 (deepspeed_config.engine_stage),
+and DeepSpeed's getters and setters return None or do nothing for state its optimizer does not
+hold, so a stage taken from the config would lose the AdamW state without a word."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,15 +28,6 @@ def _own_cpu_copy(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     if value.data_ptr() == source.data_ptr() or value._base is not None:
         return value.clone()
     return value
-
-
-def _check_stage(engine, zero_stage: int) -> None:
-    """A stage other than the engine's would lose the AdamW state without a word (DeepSpeed's
-    getters and setters return None or do nothing for state its optimizer does not hold)."""
-    actual = engine.zero_optimization_stage()
-    if actual != zero_stage:
-        raise RuntimeError(f"portable state of a ZeRO-{actual} engine handled as ZeRO-{zero_stage}: pass the "
-                           "engine's stage (deepspeed_config.engine_stage), not train.zero_stage")
 
 
 def _full_param(p: torch.nn.Parameter) -> torch.Tensor:
@@ -139,10 +132,10 @@ class PortableSnapshot:
         return {"model": {name: model[name] for name in self.names}, "adam": adam, "adam_step": self.adam_step}
 
 
-def snapshot_portable(engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> PortableSnapshot:
+def snapshot_portable(engine, optimizer: torch.optim.Optimizer) -> PortableSnapshot:
     """The part of `portable_state` the training must wait for. Collective under ZeRO-3 only
     (its parameters are gathered here); ZeRO-1/2 keep this rank's fragments for `assemble`."""
-    _check_stage(engine, zero_stage)
+    zero_stage = engine.zero_optimization_stage()
     rank0 = comm.get_rank() == 0
     module = engine.module
     relink_optimizer_fragments(engine)
@@ -177,10 +170,10 @@ def snapshot_portable(engine, optimizer: torch.optim.Optimizer, zero_stage: int)
     return snap
 
 
-def portable_state(engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> dict | None:
+def portable_state(engine, optimizer: torch.optim.Optimizer) -> dict | None:
     """World-size-free model + optimizer state; collective, the result on rank 0 only. Every
     tensor in it is a CPU copy of its own: the training may go on while it is written."""
-    return snapshot_portable(engine, optimizer, zero_stage).assemble()
+    return snapshot_portable(engine, optimizer).assemble()
 
 
 def load_portable_model(directory: Path, module: torch.nn.Module) -> dict:
@@ -212,7 +205,7 @@ def _set_zero3_optimizer_state(zero3, p: torch.nn.Parameter, value: torch.Tensor
     partition.data[:piece.numel()].copy_(piece.to(partition))
 
 
-def load_portable_optimizer(portable: dict, engine, optimizer: torch.optim.Optimizer, zero_stage: int) -> None:
+def load_portable_optimizer(portable: dict, engine, optimizer: torch.optim.Optimizer) -> None:
     """After deepspeed.initialize: the AdamW moments of every parameter, re-cut for this
     world size. DeepSpeed creates optimizer state lazily, so first take one step with zero
     gradients at lr 0 (changes no weight, not one bit: AdamW multiplies by 1 - 0 * weight
@@ -221,7 +214,7 @@ def load_portable_optimizer(portable: dict, engine, optimizer: torch.optim.Optim
     would; then overwrite the moments and the step count."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
-    _check_stage(engine, zero_stage)
+    zero_stage = engine.zero_optimization_stage()
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     if zero_stage == 3:
         _create_zero3_adam_state(engine)

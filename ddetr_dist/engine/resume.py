@@ -55,7 +55,7 @@ def resume_into(t, resume_dir: Path, saved: Progress, changed: list[str], portab
     """The Trainer `t` (engine/loop.py), its engine built from the checkpoint's weights, continues the run:
     AdamW's state, every RNG (an exact resume), the progress, the fp16 loss scale, and the
     log cut back to the checkpoint (the steps after it are redone)."""
-    load_portable_optimizer(portable, t.engine, t.optimizer, t.progress.engine_stage)
+    load_portable_optimizer(portable, t.engine, t.optimizer)
     if not changed:  # after the optimizer's warm-up step, though that draws no random number
         train_state.restore_rng(resume_dir)
     t.progress = resumed_progress(resume_dir, saved, changed, t.progress, t.cfg.train.grad_accum,

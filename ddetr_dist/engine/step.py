@@ -79,12 +79,14 @@ def window_num_boxes(window: list) -> float:
 
 
 class WindowStep:
-    """Runs optimizer steps on one rank's DeepSpeed engine: `run(window, times)`. `zero_stage`:
-    the engine's (deepspeed_config.engine_stage: ZeRO-1/2 on one rank run as ZeRO-0)."""
+    """Runs optimizer steps on one rank's DeepSpeed engine: `run(window, times)`. What a step
+    does goes by the stage the engine runs at (deepspeed_config.engine_stage: ZeRO-1/2 on one
+    rank run as ZeRO-0), not by train.zero_stage."""
 
-    def __init__(self, engine, criterion, device: torch.device, zero_stage: int,
+    def __init__(self, engine, criterion, device: torch.device,
                  loss_scaler: torch.amp.GradScaler | None = None, clip_max_norm: float = 0.0):
-        self.engine, self.criterion, self.device, self.zero_stage = engine, criterion, device, zero_stage
+        self.engine, self.criterion, self.device = engine, criterion, device
+        self.zero_stage = zero_stage = engine.zero_optimization_stage()
         self.clip_max_norm = clip_max_norm  # ZeRO-0 clips here (deepspeed_config gives DeepSpeed 0)
         self.loss_scaler = loss_scaler
         self._allreduce_s = 0.0

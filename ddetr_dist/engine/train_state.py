@@ -46,7 +46,6 @@ import torch
 
 from ddetr_dist.atomic import atomic_open, atomic_write_bytes
 from ddetr_dist import comm
-from ddetr_dist.engine.deepspeed_config import engine_stage
 from ddetr_dist.engine.portable import PORTABLE, PortableSnapshot, snapshot_portable
 
 META = "meta.json"
@@ -70,7 +69,7 @@ class Progress:
     samples_seen: int = 0  # over all ranks
     overflow_steps: int = 0  # fp16 steps skipped while the loss scale searched (also in skipped_steps)
     world_size: int = 1
-    zero_stage: int = 0  # train.zero_stage, as asked (the engine's may differ: engine_stage)
+    zero_stage: int = 0  # train.zero_stage, as asked (the engine's may differ: deepspeed_config.engine_stage)
     batches_per_epoch: int = 0  # of each rank
     data_order: dict = field(default_factory=dict)  # what decides the sample order (see data_order())
     loss_scaler: dict | None = None  # fp16: the GradScaler's state
@@ -87,13 +86,6 @@ class Progress:
         if isinstance(progress.files, list):  # written before sizes were recorded: existence only
             progress.files = {f: None for f in progress.files}
         return progress
-
-    @property
-    def engine_stage(self) -> int:
-        """The ZeRO stage this run's engine runs at (deepspeed_config.engine_stage): what the
-        code that handles the engine's state goes by. Not saved: a checkpoint is the same at
-        every stage."""
-        return engine_stage(self.zero_stage, self.world_size)
 
 
 def data_order(cfg, shards) -> dict:
@@ -201,7 +193,7 @@ def snapshot(directory: Path, engine, optimizer: torch.optim.Optimizer, progress
     rank_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(rank_file) as f:
         torch.save(_rng_state(), f)
-    portable = snapshot_portable(engine, optimizer, progress.engine_stage)
+    portable = snapshot_portable(engine, optimizer)
     group = comm.cpu_group()  # made here, in the loop's thread, the first time (a collective)
     comm.barrier()  # every rank's RNG state written: the sizes listed below are final
     listed = comm.gather_object(_file_sizes(directory))

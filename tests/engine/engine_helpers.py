@@ -62,7 +62,7 @@ def _worker(rank: int, world: int, port: int, cfg, run_dir: str, result_file: st
         trainer = Trainer(cfg, RunDir(run_dir), FolderCheckpointer(RunDir(run_dir)))
         trainer.fit()
         # collective under ZeRO-3 (parameters are partitioned): every rank takes part
-        full = portable_state(trainer.engine, trainer.optimizer, trainer.progress.engine_stage)
+        full = portable_state(trainer.engine, trainer.optimizer)
         with torch.no_grad():  # a fixed input, to compare model_final.pth's outputs with
             outputs = trainer.engine.module.eval()(*fixed_batch())
         if rank == 0:

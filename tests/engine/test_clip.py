@@ -31,7 +31,7 @@ def test_zero0_step_applies_the_clipped_gradient_and_logs_the_norm_before_the_cl
     for p in model.parameters():
         p.grad = torch.full_like(p, 2.0 * scale)  # scaled under fp16, as backward leaves them
     expected_norm = 2.0 * sum(p.numel() for p in model.parameters()) ** 0.5
-    result = WindowStep(engine, None, torch.device("cpu"), 0, scaler, clip_max_norm=0.1)._step_zero0(bad=False)
+    result = WindowStep(engine, None, torch.device("cpu"), scaler, clip_max_norm=0.1)._step_zero0(bad=False)
     assert result.applied
     assert result.grad_norm == pytest.approx(expected_norm, rel=1e-5)
     moved = torch.linalg.vector_norm(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())]))

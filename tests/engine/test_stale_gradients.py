@@ -43,7 +43,7 @@ def test_zero0_frees_a_steps_gradients_before_the_next_backward(grad_accum, one_
     model = Scale()
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                       config=deepspeed_config(cfg, world_size=1), dist_init_required=False)
-    step = WindowStep(engine, SumLoss(), torch.device("cpu"), 0)
+    step = WindowStep(engine, SumLoss(), torch.device("cpu"))
     first, second = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[10.0, 20.0, 30.0]])
     assert step.run(window(first) * grad_accum, StepTimes()).applied
     # kept through the update (DeepSpeed's step would have set it to None)
