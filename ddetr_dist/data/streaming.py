@@ -270,13 +270,14 @@ def build_train_loader(cfg: DataConfig, seed: int, *, rank: int | None = None, w
 
 
 def build_eval_loader(cfg: DataConfig, *, rank: int | None = None, world_size: int | None = None,
-                      pin_memory: bool = False) -> DetectionLoader:
+                      pin_memory: bool = False, pad_to_multiple: int = 1) -> DetectionLoader:
     """The evaluation loader of one rank: over all ranks and workers every image of
     `cfg.val_shards` exactly once (ranks may get one batch more or less than others, so
     gather results after the loop rather than per batch). Crowd regions stay in the
-    targets (iscrowd=1) for COCO evaluation. rank/world_size default to ddetr_dist.comm."""
+    targets (iscrowd=1) for COCO evaluation. rank/world_size default to ddetr_dist.comm.
+    `pad_to_multiple`: as the model's training batches were (config.pad_multiple)."""
     rank, world_size = _rank_and_world(rank, world_size)
     shards = load_shard_set(cfg.val_shards, cfg.allow_pipe_urls, cfg.val_manifest)
     stream = ShardStream(shards, build_val_transform(cfg), train=False, batch_size=cfg.batch_size,
-                         rank=rank, world_size=world_size, num_workers=cfg.num_workers)
+                         rank=rank, world_size=world_size, num_workers=cfg.num_workers, pad_to_multiple=pad_to_multiple)
     return DetectionLoader(stream, pin_memory=pin_memory)

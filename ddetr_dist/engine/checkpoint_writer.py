@@ -41,10 +41,12 @@ class CheckpointWriter:
     def pending(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def save(self, checkpointer, engine, optimizer, progress: train_state.Progress, metrics: dict) -> float:
+    def save(self, checkpointer, engine, optimizer, progress: train_state.Progress, metrics: dict,
+             before_write: Callable[[int], None] = lambda step: None) -> float:
         """Collective: after the pending save, every rank takes its part of the state
         (train_state.snapshot); writing it and registering it with `checkpointer`
-        (engine/checkpointers.py) go to the thread. -> the seconds the loop waited."""
+        (engine/checkpointers.py) go to the thread. -> the seconds the loop waited.
+        `before_write(step)`: run in the thread first (fault injection: engine/faults.py)."""
         self.wait()  # the previous save complete and registered first: in order
         start = time.perf_counter()
         folder = checkpointer.folder(progress.step)
@@ -52,6 +54,7 @@ class CheckpointWriter:
         step = progress.step
 
         def write_and_register() -> None:  # only the CPU group's collective: it may run in the thread
+            before_write(step)
             write_rest()
             checkpointer.register(folder, step, metrics)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ddetr_dist.atomic import atomic_write_bytes
-from ddetr_dist.config import Config
+from ddetr_dist.config import Config, pad_multiple
 from ddetr_dist import comm
 from ddetr_dist.engine.run_dir import EvalDir
 
@@ -217,7 +217,7 @@ def evaluate(model, criterion, postprocess, cfg: Config, device, out_dir: Path |
     from ddetr_dist.data import build_eval_loader
 
     start = time.perf_counter()
-    loader = build_eval_loader(cfg.data, pin_memory=device.type == "cuda")
+    loader = build_eval_loader(cfg.data, pin_memory=device.type == "cuda", pad_to_multiple=pad_multiple(cfg))
     detections, loss_sum, images = run_detection(model, criterion, postprocess, loader, device,
                                                  progress and comm.get_rank() == 0, lockstep)
     loss_total, images_total = comm.all_reduce_sum([loss_sum, images])

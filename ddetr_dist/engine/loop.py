@@ -237,7 +237,7 @@ class Trainer:
         p = self.progress
         p.loss_scaler = self.loss_scaler.state_dict() if self.loss_scaler is not None else None
         self.checkpoint_writes.save(self.checkpointer, self.engine, self.optimizer, p,
-                                    {"step": p.step, "epoch": p.epoch, **metrics})
+                                    {"step": p.step, "epoch": p.epoch, **metrics}, self.faults.before_save_write)
         self.checkpoints.saved(p.step)
 
     def _saved(self, saved: dict, stall_s: float, write_s: float) -> None:

@@ -9,7 +9,7 @@ import random
 import torch
 from PIL import Image
 
-from ddetr_dist.config import Config
+from ddetr_dist.config import Config, pad_multiple
 from ddetr_dist.data import SkipCounter, build_val_transform, collate, load_shard_set
 from ddetr_dist.data.coco import record_to_target
 from ddetr_dist.data.decode import IMAGE_EXTENSIONS, open_image
@@ -51,7 +51,7 @@ class PredictionPictures:
             return None
         batch = [self.transform(image, dict(target), random.Random(0))
                  for (image, _), target in zip(self.samples, self.targets)]
-        images, padding_mask, targets = collate(batch)
+        images, padding_mask, targets = collate(batch, pad_multiple(self.cfg))
         model.eval()
         outputs = model(images.to(device), padding_mask.to(device))
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)

@@ -44,8 +44,8 @@ def run_train(config: Path, *overrides: str, timeout: float = 300, cwd: Path | N
                           text=True, timeout=timeout, cwd=cwd)
 
 
-def start_train(config: Path, *overrides: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(train_command(config, *overrides), env=environment(), stdout=log.open("w"),
+def start_train(config: Path, *overrides: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(train_command(config, *overrides), env=environment(**(env or {})), stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
 
 

@@ -80,21 +80,28 @@ def build_config(run_dir):
     return load_config(run_dir / "config.yaml")
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(tiny_data, tmp_path):
+def test_a_worker_killed_while_its_save_is_pending_restarts_from_the_checkpoint_before(tiny_data, tmp_path):
+    # rank 1's background write of the step-8 checkpoint waits (engine/faults.py) while both
+    # ranks train on; a spot node lost then must not leave a checkpoint counted without its part
     config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "fault")
-    run_dir = tmp_path / "runs" / "fault"
-    proc = start_train(config, "train.max_steps=20", "train.checkpoint_every_steps=4", log=tmp_path / "log.txt")
+    run_dir, pending = tmp_path / "runs" / "fault", tmp_path / "rank-1-save-of-step-8-pending"
+    proc = start_train(config, "train.max_steps=20", "train.checkpoint_every_steps=4", log=tmp_path / "log.txt",
+                       env={"DDETR_INJECT_SLOW_SAVE": f"8@1:{pending}"})
     try:
-        wait_for(lambda: registered_checkpoint_steps(run_dir), 240, "a registered checkpoint", proc)
+        wait_for(lambda: 4 in registered_checkpoint_steps(run_dir), 240, "the checkpoint of step 4", proc)
+        wait_for(pending.exists, 240, "rank 1's save of step 8", proc)
+        # both ranks train on while it is pending, until the next save (step 12) waits for it
+        wait_for(lambda: max(r["step"] for r in records(run_dir, "train")) >= 11, 120, "step 11", proc)
+        assert 8 not in registered_checkpoint_steps(run_dir)  # (without the wait: registered by now)
         victim = next(w for w in records(run_dir, "workers")[0]["workers"] if w["rank"] == 1)
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = max(r["step"] for r in records(run_dir, "train"))
         assert proc.wait(timeout=600) == 0, (tmp_path / "log.txt").read_text()[-5000:]
     finally:
         proc.kill()
-    assert killed_at < 20, "the run finished before the worker was killed"
+    assert killed_at <= 12, "the run went past the next save: rank 1's save of step 8 was not pending"
     resumed = records(run_dir, "resume")
-    assert len(resumed) == 1 and 4 <= resumed[0]["step"] <= killed_at and resumed[0]["exact"]
+    assert len(resumed) == 1 and resumed[0]["step"] == 4 and resumed[0]["exact"], resumed
     # the redone steps replaced the lost ones: the log reads as one run, every step once
     assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 21))
     assert records(run_dir, "final")[-1]["step"] == 20

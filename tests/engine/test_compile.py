@@ -32,21 +32,31 @@ def train_losses(cfg, run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if r.get("event") == "train"]
 
 
+# bf16 rounds to 2**-8 (3.9e-3): compiled code, which fuses ops and rounds the fused result
+# once, differs from eager's op-by-op rounding at the first step already (1.6e-4 measured) and
+# by 2.8e-3 after 20 steps (1.2e-3 with inductor's emulate_precision_casts)
+LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}
+
+
 @pytest.mark.slow
-def test_compiled_training_gives_eager_losses_and_logs_its_compilations(square_data, tmp_path, one_process):
-    """20 fp32 steps, eager and compiled, on the same padded batches (96x96 images -> 128x128):
-    losses equal to 1e-4 (dropout 0: inductor draws its own random masks); one compilation
-    (one shape bucket), logged with its bound; the compiled code in the inductor cache."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_training_gives_eager_losses_and_logs_its_compilations(precision, square_data, tmp_path,
+                                                                         one_process):
+    """20 steps, eager and compiled, on the same padded batches (96x96 images -> 128x128):
+    the same losses (fp32 to 1e-4; dropout 0: inductor draws its own random masks); one
+    compilation (one shape bucket), logged with its bound; the compiled code in the inductor cache."""
     cfg = load_config(None, TINY_OVERRIDES + SQUARE_OVERRIDES + [
         f"data.train_shards={square_data}", f"output_dir={tmp_path}", f"train.max_steps={STEPS}",
-        "model.dropout=0", "data.pad_to_multiple=64", "train.async_checkpoint=false"])
+        "model.dropout=0", "data.pad_to_multiple=64", "train.async_checkpoint=false",
+        f"train.precision={precision}"])
     torch.set_num_threads(2)
     eager = train_losses(cfg, tmp_path / "eager")
     compiled_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True))
     before = compile_mod.compilations()
     compiled = train_losses(compiled_cfg, tmp_path / "compiled")
     assert len(eager) == len(compiled) == STEPS
-    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-4)
+    tolerance = LOSS_TOLERANCE[precision]
+    assert compiled == pytest.approx(eager, rel=tolerance, abs=tolerance)
     assert compile_mod.compilations() - before == 1  # one bucket: 128x128
     records = read_metrics(tmp_path / "compiled")
     [compile_record] = [r for r in records if r.get("event") == "compile"]
