@@ -109,8 +109,9 @@ class DataConfig:
     crop_max_size: int = 600
     # pad each training batch's height and width up to a multiple of this (the padding mask
     # marks it): few distinct shapes, so that a compiled model (train.compile) compiles once per
-    # shape bucket rather than once per random size. null = 64 with train.compile, else none;
-    # 0 or 1 = none (docs/training.md, "Compiled training")
+    # shape bucket rather than once per random size. Evaluation and prediction pad theirs the
+    # same (a model learns its padding; model_final.pth records it). null = 64 with
+    # train.compile, else none; 0 or 1 = none (docs/training.md, "Compiled training")
     pad_to_multiple: Optional[int] = None
 
 

@@ -79,8 +79,8 @@ def read_image(path: Path) -> Image.Image:
 
 
 @torch.no_grad()
-def predict_one(path: Path, model, postprocess, transform, threshold: float, names: dict,
-                pad_to_multiple: int = 1) -> tuple[dict, Image.Image]:
+def predict_one(path: Path, model, postprocess, transform, threshold: float, names: dict, *,
+                pad_to_multiple: int) -> tuple[dict, Image.Image]:
     """`pad_to_multiple`: as the model's training batches were (config.pad_multiple)."""
     from ddetr_dist.data import collate
     from ddetr_dist.engine.draw import draw_boxes
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     for path in files:
         try:
             record, picture = predict_one(path, model, postprocess, transform, args.threshold, names,
-                                          pad_multiple(cfg))
+                                          pad_to_multiple=pad_multiple(cfg))
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             failed.append(path)
             print(f"ddetr predict: cannot read {path}: {e}", file=sys.stderr)

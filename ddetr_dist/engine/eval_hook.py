@@ -21,19 +21,16 @@ from ddetr_dist.engine.train_state import average_batchnorm_statistics
 log = logging.getLogger("ddetr_dist.train")
 
 
-def partitioned(module: torch.nn.Module) -> bool:
-    """Whether ZeRO-3 has partitioned `module`'s parameters (each then carries DeepSpeed's
-    `ds_id`): every forward gathers them collectively, so the ranks evaluate in lockstep."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
 class EvalHook:
     """Every rank builds one and calls it at the same steps (the evaluation is collective);
-    rank 0 scores and writes. `module`: the model being trained (DeepSpeed's engine.module)."""
+    rank 0 scores and writes. `module`: the model being trained (DeepSpeed's engine.module).
+    `lockstep`: its parameters are partitioned (the engine runs ZeRO-3), so every forward
+    gathers them collectively and the ranks evaluate batch for batch together."""
 
     def __init__(self, cfg: Config, run_dir: RunDir, module: torch.nn.Module | None, criterion, postprocess,
-                 device: torch.device, metrics: MetricsLog, tensorboard: TensorBoardSink | None = None):
-        self.cfg, self.run_dir = cfg, run_dir
+                 device: torch.device, metrics: MetricsLog, tensorboard: TensorBoardSink | None = None,
+                 lockstep: bool = False):
+        self.cfg, self.run_dir, self.lockstep = cfg, run_dir, lockstep
         self.module, self.criterion, self.postprocess, self.device = module, criterion, postprocess, device
         self.metrics, self.tensorboard = metrics, tensorboard
         self.enabled = bool(cfg.data.val_shards)
@@ -63,7 +60,7 @@ class EvalHook:
         with torch.compiler.set_stance("force_eager"):
             result = evaluate(module, self.criterion, self.postprocess, cfg, self.device, out.path, self.gt,
                               progress=comm.get_rank() == 0,
-                              lockstep=partitioned(module))
+                              lockstep=self.lockstep)
             picture = self.pictures.render(module, self.postprocess, self.device) if self.pictures else None
         module.train()
         self.last_step = step

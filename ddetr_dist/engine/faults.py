@@ -4,10 +4,11 @@
       steps (0-based) on RANK (default: every rank)
   DDETR_INJECT_FP16_OVERFLOW="STEP[,STEP...][@RANK]"   the loss is multiplied by 2**100 at those
       steps, which overflows fp16 gradients at any loss scale > 1
-  DDETR_INJECT_SLOW_SAVE="STEP[,STEP...][@RANK]:MARKER"  the background write of those steps'
-      checkpoints waits SLOW_SAVE_S before writing anything, once: it creates the file MARKER
-      first (a test waits for it: the save is pending now), and a save that finds MARKER there
-      (the run restarted) does not wait
+  DDETR_INJECT_SLOW_SAVE="STEP[,STEP...][@RANK]:MARKER"  the write of the checkpoints of those
+      steps waits SLOW_SAVE_S before writing anything, once: it creates the file MARKER first
+      (a test waits for it: the save is pending now), and a save that finds MARKER there (the
+      run restarted) does not wait. In the background, unless train.async_checkpoint=false:
+      then the loop waits too
 """
 from __future__ import annotations
 
@@ -24,9 +25,13 @@ OVERFLOW_FACTOR = 2.0 ** 100
 SLOW_SAVE_S = 600.0
 
 
-def injected_steps(env: str, spec: str | None = None) -> set[int]:
-    """The steps an injection variable (or its `spec` part) names for this rank."""
-    spec = os.environ.get(env, "") if spec is None else spec
+def injected_steps(env: str) -> set[int]:
+    """The steps an injection variable names for this rank."""
+    return steps_for_this_rank(os.environ.get(env, ""))
+
+
+def steps_for_this_rank(spec: str) -> set[int]:
+    """'STEP[,STEP...][@RANK]' -> the steps, if this is RANK (or no rank is named)."""
     if not spec:
         return set()
     steps, _, rank = spec.partition("@")
@@ -42,7 +47,9 @@ class InjectedFaults:
         self.nonfinite_at = injected_steps(INJECT_NONFINITE_ENV)
         self.overflow_at = injected_steps(INJECT_OVERFLOW_ENV)
         spec, _, marker = os.environ.get(INJECT_SLOW_SAVE_ENV, "").partition(":")
-        self.slow_save_at, self.slow_save_marker = injected_steps(INJECT_SLOW_SAVE_ENV, spec), Path(marker)
+        if spec and not marker:
+            raise ValueError(f"{INJECT_SLOW_SAVE_ENV}={spec!r}: name the marker file, STEP[@RANK]:MARKER")
+        self.slow_save_at, self.slow_save_marker = steps_for_this_rank(spec), Path(marker)
 
     def poisoned(self, step: int) -> bool:
         return step in self.nonfinite_at

@@ -13,14 +13,14 @@ import torch
 
 from ddetr_dist import comm
 from ddetr_dist.atomic import atomic_open, atomic_write_bytes
-from ddetr_dist.config import Config
+from ddetr_dist.config import Config, pad_multiple
 from ddetr_dist.engine import train_state
 from ddetr_dist.engine.metrics import MetricsLog
 from ddetr_dist.engine.portable import portable_state
 from ddetr_dist.engine.train_state import Progress
 from ddetr_dist.models.build import variant_of
 from ddetr_dist.engine.tensorboard import flat_hparams
-from ddetr_dist.models.convert import METADATA_KEY
+from ddetr_dist.models.convert import METADATA_KEY, TRAINED_PADDING_KEY
 
 if TYPE_CHECKING:
     from ddetr_dist.engine.loop import Trainer
@@ -54,15 +54,16 @@ def finish_run(t: "Trainer") -> None:
 
 def write_final_model(path: Path, engine, optimizer, cfg: Config, progress: Progress, metrics: MetricsLog,
                       skipped_samples: int, shown: str | None = None) -> None:
-    """The fp32 model as {'model': state_dict} with the official names (plus our config,
-    which the official code ignores). Collective (ZeRO gathers the parameters); rank 0
-    writes. `shown`: its name in the log (a run in object storage: its URI)."""
+    """The fp32 model as {'model': state_dict} with the official names (plus our model config
+    and the padding its batches trained with, which the official code ignores). Collective
+    (ZeRO gathers the parameters); rank 0 writes. `shown`: its name in the log (a run in
+    object storage: its URI)."""
     train_state.average_batchnorm_statistics(engine.module)
     portable = portable_state(engine, optimizer)
     if comm.get_rank() == 0:
         out = {"model": portable["model"],
                METADATA_KEY: {"variant": variant_of(cfg.model), "config": dataclasses.asdict(cfg.model),
-                              "step": progress.step}}
+                              "step": progress.step, TRAINED_PADDING_KEY: pad_multiple(cfg)}}
         with atomic_open(path) as f:
             torch.save(out, f)
         metrics.emit({"event": "final", "step": progress.step, "epoch": progress.epoch,

@@ -13,7 +13,7 @@ from ddetr_dist.engine.run_store import local_copy, newest_checkpoint
 from ddetr_dist.engine.train_state import META
 from ddetr_dist.models import build_model, load_official_checkpoint
 from ddetr_dist.models.checkpoint import model_state_dict, read_checkpoint
-from ddetr_dist.models.convert import model_config_of
+from ddetr_dist.models.convert import METADATA_KEY, TRAINED_PADDING_KEY, model_config_of
 from ddetr_dist.storage import is_uri
 
 
@@ -47,21 +47,32 @@ def _run_dir_above(path: Path) -> Path | None:
 def load_trained(checkpoint: str | Path, config: str | None, overrides: list[str], default_config: Path):
     """-> (cfg, model in eval mode, criterion, postprocess, weights file). The config: --config,
     else the run's own config.yaml, else `default_config`; the model's shape always comes
-    from the checkpoint itself."""
+    from the checkpoint itself, and so does the padding of its batches (see with_trained_padding)."""
     weights, run_dir = resolve_weights(checkpoint)
     if config is None and run_dir is not None:
         config = RunDir(run_dir).config
     cfg: Config = load_config(config or default_config, overrides)
     ckpt = read_checkpoint(weights)
     model_cfg = model_config_of(ckpt, model_state_dict(ckpt, weights), cfg.model)
+    cfg = with_trained_padding(dataclasses.replace(cfg, model=model_cfg), ckpt, overrides)
     del ckpt
-    cfg = dataclasses.replace(cfg, model=model_cfg)
     try:
         model, criterion, postprocess = build_model(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     load_official_checkpoint(weights, model)
     return cfg, model.eval(), criterion, postprocess, weights
+
+
+def with_trained_padding(cfg: Config, ckpt: dict, overrides: list[str]) -> Config:
+    """`cfg` padding its batches as the checkpoint's training did (model_final.pth records
+    config.pad_multiple: a model learns its padding), unless an override sets
+    data.pad_to_multiple. A file without the record (official, converted, a checkpoint
+    folder's portable.pt) keeps the config's: its run's config.yaml when beside it."""
+    trained = (ckpt.get(METADATA_KEY) or {}).get(TRAINED_PADDING_KEY)
+    if trained is None or any(o.split("=", 1)[0].strip() == "data.pad_to_multiple" for o in overrides):
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pad_to_multiple=int(trained)))
 
 
 def category_names(cfg: Config) -> dict[int, str]:

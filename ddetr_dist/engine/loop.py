@@ -99,7 +99,8 @@ class Trainer:
         if self.tensorboard is not None:
             self.metrics.sinks.append(self.tensorboard)
         self.eval_hook = EvalHook(cfg, self.run_dir, self.engine.module, self.criterion, self.postprocess,
-                                  self.device, self.metrics, self.tensorboard)
+                                  self.device, self.metrics, self.tensorboard,
+                                  lockstep=self.engine.zero_optimization_stage() == 3)
 
     # ------------------------------------------------------------------ build and resume
 

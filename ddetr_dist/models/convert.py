@@ -29,6 +29,7 @@ from .build import build_model, variant_of
 from .checkpoint import CheckpointMismatchError, infer_model_config, model_state_dict, read_checkpoint, require_match
 
 METADATA_KEY = "ddetr_dist"
+TRAINED_PADDING_KEY = "pad_to_multiple"  # in METADATA_KEY: what the training batches were padded to
 
 
 def add_arguments(parser) -> None:

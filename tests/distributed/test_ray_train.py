@@ -81,8 +81,9 @@ def build_config(run_dir):
 
 
 def test_a_worker_killed_while_its_save_is_pending_restarts_from_the_checkpoint_before(tiny_data, tmp_path):
-    # rank 1's background write of the step-8 checkpoint waits (engine/faults.py) while both
-    # ranks train on; a spot node lost then must not leave a checkpoint counted without its part
+    # rank 1's background write of the step-8 checkpoint (an epoch's end: 8 steps of 2 ranks x 2
+    # of the 32 images) waits (engine/faults.py) while both ranks train on; a spot node lost
+    # then must not leave a checkpoint counted without its part
     config = write_tiny_config(tmp_path / "tiny.yaml", tiny_data, tmp_path / "runs", "fault")
     run_dir, pending = tmp_path / "runs" / "fault", tmp_path / "rank-1-save-of-step-8-pending"
     proc = start_train(config, "train.max_steps=20", "train.checkpoint_every_steps=4", log=tmp_path / "log.txt",

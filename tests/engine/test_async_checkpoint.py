@@ -196,3 +196,12 @@ def test_bench_checkpoint_prints_the_sync_and_async_stall_per_save_and_their_rat
     assert row["name"] == "(a) ZeRO-0, 1 process" and row["checkpoint_mb"] > 0
     assert row["stall_s"]["sync"] > 0 and row["stall_s"]["async"] > 0
     assert row["ratio"] == pytest.approx(row["stall_s"]["async"] / row["stall_s"]["sync"])
+
+
+def test_a_slow_save_injection_without_its_marker_is_refused(monkeypatch):
+    # the marker is how a test knows the save is pending: without it, it would wait in vain
+    from ddetr_dist.engine.faults import INJECT_SLOW_SAVE_ENV, InjectedFaults
+
+    monkeypatch.setenv(INJECT_SLOW_SAVE_ENV, "8@1")
+    with pytest.raises(ValueError, match="name the marker file"):
+        InjectedFaults()

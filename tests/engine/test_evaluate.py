@@ -113,6 +113,7 @@ def test_evaluation_and_prediction_pad_their_batches_as_training_did(tiny_data, 
     evaluate(recorder, criterion, postprocess, cfg, torch.device("cpu"), None, progress=False)
     PredictionPictures(cfg, count=2).render(recorder, postprocess, torch.device("cpu"))
     Image.new("RGB", (90, 70), "white").save(tmp_path / "photo.jpg")
-    predict_one(tmp_path / "photo.jpg", recorder, postprocess, build_val_transform(cfg.data), 0.5, {}, 64)
+    predict_one(tmp_path / "photo.jpg", recorder, postprocess, build_val_transform(cfg.data), 0.5, {},
+                pad_to_multiple=64)
     assert len(recorder.shapes) >= 3
     assert all(h % 64 == 0 and w % 64 == 0 for h, w in recorder.shapes), recorder.shapes

@@ -125,3 +125,22 @@ def test_ddetr_predict_takes_positional_overrides_like_the_other_commands(finish
     # the old option still works, with a note
     assert predict_main([str(image), "--override", "data.val_scale=64", *common]) == 0
     assert "--override is deprecated" in capsys.readouterr().err
+
+
+def test_the_final_model_carries_its_training_padding_to_eval_and_predict(finished_run, tiny_data, tmp_path):
+    # a model learns the padding it trained with (config.pad_multiple): model_final.pth records
+    # it, and whatever config evaluates or predicts with it pads alike unless an override says
+    import torch
+
+    from ddetr_dist.config import DEMO_CONFIG
+    from ddetr_dist.engine.inference import load_trained
+    from ddetr_dist.models.convert import METADATA_KEY, TRAINED_PADDING_KEY
+
+    final = torch.load(finished_run / "model_final.pth", weights_only=True)
+    assert final[METADATA_KEY][TRAINED_PADDING_KEY] == 1  # trained unpadded
+    final[METADATA_KEY][TRAINED_PADDING_KEY] = 64  # as a train.compile run's
+    torch.save(final, tmp_path / "compiled.pth")
+    config = str(tiny_yaml(tmp_path, tiny_data))
+    assert load_trained(tmp_path / "compiled.pth", config, [], DEMO_CONFIG)[0].data.pad_to_multiple == 64
+    overridden = load_trained(tmp_path / "compiled.pth", config, ["data.pad_to_multiple=1"], DEMO_CONFIG)[0]
+    assert overridden.data.pad_to_multiple == 1
